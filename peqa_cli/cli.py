@@ -1,0 +1,291 @@
+"""The ``peqa`` command line: parse, call a recipe, print. Nothing else lives here.
+
+Exit codes: 0 ok, 1 the job failed, 2 bad usage or input. Logs and progress go to stderr;
+results go to stdout (``--json`` for machine-readable output) or to files.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from peqa_cli import __version__
+from peqa_cli.config import dump_yaml, load_config
+from peqa_cli.errors import PeqaError
+from peqa_cli.recipe_files import copy_recipe, find_recipe, list_recipes
+
+app = typer.Typer(
+    help="PEQA: quantize LLMs to 2-8-bit integers and fine-tune only their scales.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+recipes_app = typer.Typer(
+    help="List shipped recipes, or copy one to edit.", invoke_without_command=True
+)
+app.add_typer(recipes_app, name="recipes")
+
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="key=value overrides, e.g. quant.group_size=128")
+]
+PrintConfig = Annotated[
+    bool, typer.Option("--print-config", help="Print the resolved recipe and exit.")
+]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = {0: logging.INFO, -1: logging.WARNING, 1: logging.DEBUG}[max(-1, min(1, verbosity))]
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s", force=True)
+    for noisy in (
+        "transformers",
+        "datasets",
+        "accelerate",
+        "huggingface_hub",
+        "urllib3",
+        "filelock",
+    ):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"peqa: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    """User errors become one line on stderr and an exit code; no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PeqaError as exc:
+            _fail(exc.message, exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except typer.Exit:
+            raise
+        except Exception as exc:  # a bug or an environment failure: still one line, exit 1
+            if os.environ.get("PEQA_DEBUG"):
+                raise
+            _fail(f"{type(exc).__name__}: {exc} (set PEQA_DEBUG=1 for a traceback)", 1)
+
+    return wrapper
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        for k, v in result.items():
+            typer.echo(f"{k}: {v}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"peqa {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs on stderr.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+) -> None:
+    """PEQA: quantize LLMs to 2-8-bit integers and fine-tune only their scales."""
+    _setup_logging(1 if verbose else -1 if quiet else 0)
+    if quiet:
+        os.environ["PEQA_QUIET"] = "1"
+
+
+@app.command()
+@handle_errors
+def quantize(
+    model_or_recipe: Annotated[
+        str, typer.Argument(help="Model (folder, .gguf, hub id, alias) or a recipe YAML.")
+    ],
+    overrides: Overrides = None,
+    bits: Annotated[
+        int | None, typer.Option("--bits", "-b", help="Integer width: 2, 3, 4 or 8.")
+    ] = None,
+    group_size: Annotated[
+        int | None,
+        typer.Option("--group-size", "-g", help="-1 per channel (default), or columns per group."),
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="Output checkpoint folder.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+    ] = False,
+    print_config: PrintConfig = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Quantize a float model into a GPTQ v2 checkpoint (streams tensor by tensor).
+
+    Example: peqa quantize smollm2-135m --bits 3 --group-size 128 --out ckpt/smollm2-w3g128
+    """
+    from peqa_cli.recipes.quantize import QuantizeRecipe, run
+
+    recipe = find_recipe(model_or_recipe)
+    flags = {
+        "quant.bits": bits,
+        "quant.group_size": group_size,
+        "out": out,
+        "overwrite": overwrite or None,
+        "model": None if recipe else model_or_recipe,
+    }
+    cfg = load_config(QuantizeRecipe, recipe, overrides, flags)
+    if print_config:
+        typer.echo(dump_yaml(cfg), nl=False)
+        return
+    _emit(run(cfg), as_json)
+
+
+def _not_yet(name: str) -> None:
+    _fail(f"'peqa {name}' is not available yet in peqa {__version__}", 2)
+
+
+@app.command()
+@handle_errors
+def finetune(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML (path or shipped name).")],
+    overrides: Overrides = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Output folder.")] = None,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue from the last checkpoint in the output folder."),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+    ] = False,
+    print_config: PrintConfig = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Fine-tune only the quantization scales (PEQA).
+
+    Example: peqa finetune smollm2_w3_wikitext --max-steps 200
+    """
+    _not_yet("finetune")
+
+
+@app.command("eval")
+@handle_errors
+def evaluate(
+    model: Annotated[
+        str, typer.Argument(help="Model: float folder/alias, or a peqa/GPTQ checkpoint.")
+    ],
+    overrides: Overrides = None,
+    delta: Annotated[
+        list[str] | None, typer.Option("--delta", "-d", help="Scale delta(s) to evaluate in turn.")
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            "--tasks", "-t", help="Comma-separated: wikitext,arc_easy,arc_challenge,piqa,hellaswag."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--data-dir",
+            help="Folder of the JSONL datasets (default $PEQA_DATA or ../shared/data).",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", help="Evaluate the first N items (windows for perplexity)."),
+    ] = None,
+    json_file: Annotated[
+        str | None, typer.Option("--json", help="Write results to this JSON file.")
+    ] = None,
+    print_config: PrintConfig = False,
+) -> None:
+    """Perplexity and zero-shot accuracy, with lm-evaluation-harness's prompts and metrics.
+
+    Example: peqa eval ckpt/smollm2-w3 --tasks wikitext,arc_easy --limit 200
+    """
+    _not_yet("eval")
+
+
+@app.command()
+@handle_errors
+def merge(
+    base: Annotated[str, typer.Argument(help="Base peqa/GPTQ checkpoint.")],
+    delta: Annotated[str, typer.Argument(help="Scale delta folder (from peqa finetune).")],
+    overrides: Overrides = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Output folder.")] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="gptq (integer checkpoint) or hf (dequantized float)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+    ] = False,
+    as_json: JsonOut = False,
+) -> None:
+    """Fold a scale delta into its base: a new integer checkpoint (or a float export).
+
+    Example: peqa merge ckpt/smollm2-w4 runs/alpaca/final --out ckpt/smollm2-w4-alpaca
+    """
+    _not_yet("merge")
+
+
+@recipes_app.callback()
+def _recipes(ctx: typer.Context) -> None:
+    """List shipped recipes (one line each)."""
+    if ctx.invoked_subcommand is None:
+        _list_recipes()
+
+
+def _list_recipes() -> None:
+    items = list_recipes()
+    width = max((len(r.name) for r in items), default=0)
+    for r in items:
+        typer.echo(f"{r.name:<{width}}  {r.command:<8}  {r.description}")
+
+
+@recipes_app.command("ls")
+def recipes_ls() -> None:
+    """List shipped recipes (one line each)."""
+    _list_recipes()
+
+
+@recipes_app.command("cp")
+@handle_errors
+def recipes_cp(
+    name: Annotated[str, typer.Argument(help="Shipped recipe name (see `peqa recipes`).")],
+    dest: Annotated[str, typer.Argument(help="Destination file or folder.")],
+) -> None:
+    """Copy a shipped recipe to edit it."""
+    typer.echo(str(copy_recipe(name, dest)))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

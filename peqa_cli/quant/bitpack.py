@@ -1,0 +1,116 @@
+"""Pack b-bit integers into int32 words the way GPTQ does.
+
+Values are laid into 32-bit words lowest bits first as one continuous bit stream along
+dimension 0: value ``j`` of a column occupies stream bits ``j*b .. j*b+b-1``. A *block*
+is the smallest run of values that fills whole words:
+
+    bits | values per block | words per block
+    -----+------------------+----------------
+      2  |        16        |        1
+      3  |        32        |        3   (values 10 and 21 straddle a word boundary)
+      4  |         8        |        1
+      8  |         4        |        1
+
+``qweight`` packs a [K, N] integer matrix along K; ``qzeros`` packs [G, N] along N, which
+is the same operation on the transpose (``pack_cols``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# bits -> (values per block, words per block); one continuous stream, so one code path.
+BLOCK: dict[int, tuple[int, int]] = {2: (16, 1), 3: (32, 3), 4: (8, 1), 8: (4, 1)}
+_MASK32 = (1 << 32) - 1
+
+
+def packed_rows(rows: int, bits: int) -> int:
+    """Number of int32 words that ``rows`` values of ``bits`` bits occupy."""
+    assert (rows * bits) % 32 == 0, f"{rows} values of {bits} bits do not fill whole words"
+    return rows * bits // 32
+
+
+def can_pack(rows: int, bits: int) -> bool:
+    return (rows * bits) % 32 == 0
+
+
+def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integers ``q`` [R, C] (values in [0, 2^bits)) along dim 0 into int32 [R*bits/32, C]."""
+    vals, words = BLOCK[bits]
+    rows, cols = q.shape
+    assert rows % vals == 0, f"{rows} rows is not a multiple of {vals} for {bits}-bit packing"
+    # int64 so shifts past bit 31 and the sign bit never overflow before we fold to 32 bits.
+    blocks = q.to(torch.int64).reshape(rows // vals, vals, cols)
+    out = torch.zeros(rows // vals, words, cols, dtype=torch.int64, device=q.device)
+    for j in range(vals):
+        word, shift = divmod(j * bits, 32)
+        v = blocks[:, j]
+        out[:, word] |= (v << shift) & _MASK32
+        if shift + bits > 32:  # the value straddles into the next word
+            out[:, word + 1] |= v >> (32 - shift)
+    # Reinterpret the low 32 bits as signed int32 (two's complement), as GPTQ stores them.
+    out = torch.where(out >= 1 << 31, out - (1 << 32), out)
+    return out.reshape(rows // vals * words, cols).to(torch.int32)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, rows: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: int32 [R*bits/32, C] -> uint8 [R, C]."""
+    vals, words = BLOCK[bits]
+    nwords, cols = packed.shape
+    assert nwords % words == 0, f"{nwords} words is not a multiple of {words} for {bits} bits"
+    mask = (1 << bits) - 1
+    # One slice per run of values that sit wholly inside a word (vectorized shifts), plus
+    # the few values that straddle two words; concatenated in stream order. Arithmetic
+    # shifts of negative int32 words are harmless because every piece is masked.
+    blocks = packed.reshape(nwords // words, words, cols)
+    pieces = []
+    for kind, word, arg in _unpack_plan(bits):
+        if kind == "run":
+            pieces.append((blocks[:, word : word + 1] >> arg.to(packed.device)) & mask)
+        else:  # straddle: low part from the end of `word`, high part from the next word
+            low_bits = arg
+            lo = (blocks[:, word] >> (32 - low_bits)) & ((1 << low_bits) - 1)
+            hi = (blocks[:, word + 1] & ((1 << (bits - low_bits)) - 1)) << low_bits
+            pieces.append((lo | hi).unsqueeze(1))
+    out = torch.cat(pieces, dim=1).reshape(nwords // words * vals, cols)
+    out = out.to(torch.uint8)
+    if rows is not None:
+        assert rows == out.shape[0], f"expected {rows} rows, unpacked {out.shape[0]}"
+    return out
+
+
+@functools.cache
+def _unpack_plan(bits: int) -> list[tuple[str, int, object]]:
+    """Per bit width: runs of whole values per word (with their shifts) and straddlers."""
+    vals, _ = BLOCK[bits]
+    plan: list[tuple[str, int, object]] = []
+    run: list[int] = []
+    run_word = 0
+    for j in range(vals):
+        word, shift = divmod(j * bits, 32)
+        if shift + bits <= 32:
+            if run and word != run_word:
+                plan.append(("run", run_word, torch.tensor(run, dtype=torch.int32).view(1, -1, 1)))
+                run = []
+            run_word = word
+            run.append(shift)
+        else:
+            if run:
+                plan.append(("run", run_word, torch.tensor(run, dtype=torch.int32).view(1, -1, 1)))
+                run = []
+            plan.append(("straddle", word, 32 - shift))
+    if run:
+        plan.append(("run", run_word, torch.tensor(run, dtype=torch.int32).view(1, -1, 1)))
+    return plan
+
+
+def pack_cols(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack [R, C] along dim 1 into int32 [R, C*bits/32] (GPTQ's ``qzeros`` layout)."""
+    return pack_rows(q.t(), bits).t().contiguous()
+
+
+def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_cols`: int32 [R, C*bits/32] -> uint8 [R, C]."""
+    return unpack_rows(packed.t(), bits).t().contiguous()
