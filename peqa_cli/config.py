@@ -14,6 +14,7 @@ Precedence, lowest to highest: dataclass defaults < recipe YAML < ``key=value`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import types
@@ -227,10 +228,9 @@ def load_config(
         node[parts[-1]] = value
     cfg = _build(cls, data, "", problems)
     if hasattr(cfg, "validate"):
-        try:
+        # A field of the wrong type (already reported) may trip validate(); skip it then.
+        with contextlib.suppress(TypeError, ValueError, AttributeError):
             problems.extend(cfg.validate())
-        except (TypeError, ValueError, AttributeError):
-            pass  # a field of the wrong type, already reported above
     if problems:
         raise ConfigError(problems, source=str(recipe) if recipe else None)
     return cfg
