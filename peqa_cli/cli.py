@@ -225,9 +225,27 @@ def evaluate(
 ) -> None:
     """Perplexity and zero-shot accuracy, with lm-evaluation-harness's prompts and metrics.
 
-    Example: peqa eval ckpt/smollm2-w3 --tasks wikitext,arc_easy --limit 200
+    Example: peqa eval ckpt/smollm2-w3 --tasks wikitext,arc_easy --limit 200 --json results.json
     """
-    _not_yet("eval")
+    from peqa_cli.eval.runner import render_table, write_json
+    from peqa_cli.recipes.evaluate import EvalRecipe, run
+
+    recipe = find_recipe(model)
+    flags = {"model": None if recipe else model, "deltas": delta or None, "data_dir": data_dir,
+             "limit": limit, "json": json_file,
+             "tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None}
+    cfg = load_config(EvalRecipe, recipe, overrides, flags)
+    if print_config:
+        typer.echo(dump_yaml(cfg), nl=False)
+        return
+    rows = run(cfg)
+    render_table(rows)
+    if cfg.json:
+        write_json(rows, cfg.json)
+    for r in rows:
+        err = f" ± {r['stderr']:.4f}" if r.get("stderr") is not None else ""
+        delta_part = f"\t{r['delta']}" if r.get("delta") else ""
+        typer.echo(f"{r['task']}\t{r['metric']}\t{r['value']:.4f}{err}\t{r['count']}{delta_part}")
 
 
 @app.command()
