@@ -283,9 +283,10 @@ def load_quantized(
                 f"expected {list(linear.scales.shape)} for group size {spec.group_size}"
             )
         _set_module(model, name, linear)
-    for key, t in state.items():
-        if key.endswith(QUANT_SUFFIXES):
-            digests[key] = tensor_digest(t)
+    meta = read_peqa_json(path)
+    # peqa.json records the fingerprint made while writing; other tools' checkpoints get one here.
+    if not meta.get("fingerprint"):
+        digests = {k: tensor_digest(t) for k, t in state.items() if k.endswith(QUANT_SUFFIXES)}
     for name in layers:
         if spec.checkpoint_format == "gptq":
             state[f"{name}.qzeros"] = _fix_v1_zeros(state[f"{name}.qzeros"], spec.bits)
@@ -303,7 +304,6 @@ def load_quantized(
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    meta = read_peqa_json(path)
     fingerprint = meta.get("fingerprint") or combine_digests(digests)
     return QuantizedModel(model, path, spec, fingerprint, layers, meta)
 
