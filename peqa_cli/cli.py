@@ -187,8 +187,34 @@ def finetune(
     """Fine-tune only the quantization scales (PEQA).
 
     Example: peqa finetune smollm2_w3_wikitext --max-steps 200
+
+    Multi-process (GPUs, or CPUs with gloo):
+    accelerate launch --multi_gpu --num_processes 2 -m peqa_cli finetune RECIPE ...
+    Default --out: runs/<recipe name>. Ctrl-C / SIGTERM save a checkpoint and exit 130 / 143;
+    --resume continues from the latest checkpoint.
     """
-    _not_yet("finetune")
+    from pathlib import Path
+
+    from peqa_cli.errors import InputError
+    from peqa_cli.recipes.finetune import FinetuneRecipe, resolve_paths, run
+
+    path = find_recipe(recipe)
+    if path is None:
+        names = ", ".join(r.name for r in list_recipes() if r.command == "finetune")
+        raise InputError(f"recipe not found: {recipe} (a .yaml file, or one of: {names})")
+    if out is None and not any(o.split("=", 1)[0].strip() == "out" for o in overrides or []):
+        from peqa_cli.config import read_yaml
+
+        if not read_yaml(path).get("out"):
+            out = str(Path("runs") / path.stem)  # default run folder: runs/<recipe name>
+    flags = {"out": out, "train.max_steps": max_steps, "overwrite": overwrite or None}
+    cfg = load_config(FinetuneRecipe, path, overrides, flags)
+    if print_config:
+        typer.echo(dump_yaml(resolve_paths(cfg)), nl=False)
+        return
+    result = run(cfg, resume=resume)
+    if result is not None:  # None on the non-main processes of a multi-process run
+        _emit(result, as_json)
 
 
 @app.command("eval")
@@ -251,24 +277,93 @@ def evaluate(
 @app.command()
 @handle_errors
 def merge(
-    base: Annotated[str, typer.Argument(help="Base peqa/GPTQ checkpoint.")],
-    delta: Annotated[str, typer.Argument(help="Scale delta folder (from peqa finetune).")],
+    base: Annotated[str, typer.Argument(help="Base peqa/GPTQ checkpoint, or a merge recipe YAML.")],
+    delta: Annotated[
+        str | None,
+        typer.Argument(help="Scale delta folder (from peqa finetune); omit with a recipe."),
+    ] = None,
     overrides: Overrides = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Output folder.")] = None,
     fmt: Annotated[
         str | None,
         typer.Option("--format", help="gptq (integer checkpoint) or hf (dequantized float)."),
     ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="hf export: bfloat16, float16 (default) or float32."),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output folder.")
     ] = False,
+    print_config: PrintConfig = False,
     as_json: JsonOut = False,
 ) -> None:
     """Fold a scale delta into its base: a new integer checkpoint (or a float export).
 
     Example: peqa merge ckpt/smollm2-w4 runs/alpaca/final --out ckpt/smollm2-w4-alpaca
     """
-    _not_yet("merge")
+    from peqa_cli.errors import InputError
+    from peqa_cli.recipes.merge import MergeRecipe, run
+
+    recipe = find_recipe(base)
+    overrides = list(overrides or [])
+    if recipe and delta and "=" in delta:  # `peqa merge recipe.yaml out=x`: an override
+        overrides, delta = [delta, *overrides], None
+    if not recipe and not delta:
+        raise InputError("missing DELTA: peqa merge BASE DELTA --out DIR (or a recipe YAML)")
+    flags = {
+        "base": None if recipe else base,
+        "delta": delta,
+        "out": out,
+        "format": fmt,
+        "dtype": dtype,
+        "overwrite": overwrite or None,
+    }
+    cfg = load_config(MergeRecipe, recipe, overrides, flags)
+    if print_config:
+        typer.echo(dump_yaml(cfg), nl=False)
+        return
+    _emit(run(cfg), as_json)
+
+
+@app.command()
+@handle_errors
+def generate(
+    model: Annotated[
+        str, typer.Argument(help="peqa/GPTQ checkpoint, or a float model (folder, .gguf, alias).")
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt to answer.")],
+    delta: Annotated[
+        list[str] | None,
+        typer.Option("--delta", "-d", help="Scale delta; repeat to answer with each in turn."),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")
+    ] = 128,
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Wrap the prompt in the chat template (default: on when the tokenizer has one).",
+        ),
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples.")
+    ] = 0.0,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", help="Nucleus sampling (with --temperature).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")] = "auto",
+) -> None:
+    """Answer a prompt, streaming; with several --delta, one loaded base answers with each.
+
+    Example: peqa generate ckpt/smollm2-w4 --delta runs/alpaca/final --prompt "Name three colors."
+    """
+    from peqa_cli.recipes.generate import GenerateSettings, run
+
+    settings = GenerateSettings(max_new_tokens, chat, temperature, top_p, seed)
+    run(model, list(delta or []), prompt, settings, device)
 
 
 @recipes_app.callback()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peqa_cli.quant.linear import QuantLinear, linear_reference
+from peqa_cli.quant.linear import QuantLinear, linear_reference, set_weight_cache
 from peqa_cli.quant.primitives import quantize_weight
 
 
@@ -77,3 +77,28 @@ def test_bf16_autocast_runs_in_bf16():
     assert y.dtype == torch.bfloat16
     ref = linear_reference(x, layer)
     assert torch.allclose(y.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+def test_weight_cache_matches_and_follows_scale_changes():
+    from peqa_cli.io.delta import ScaleDelta, apply_delta, remove_delta
+
+    layer = make_layer(3, 32)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        plain = model(x)
+        set_weight_cache(model, True)
+        cached = model(x)
+        assert torch.allclose(plain, cached, rtol=1e-5, atol=1e-5)
+        delta = ScaleDelta({"0": torch.full_like(layer.scales, 0.01)})
+        apply_delta(model, delta)
+        set_weight_cache(model, False)
+        want = model(x)
+        set_weight_cache(model, True)
+        assert torch.allclose(model(x), want, rtol=1e-5, atol=1e-5)
+        remove_delta(model)
+        assert torch.allclose(model(x), plain, rtol=1e-5, atol=1e-5)
+    # training never reads the cache
+    layer.scales.requires_grad_(True)
+    model(x).sum().backward()
+    assert layer.scales.grad is not None

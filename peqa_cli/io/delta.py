@@ -60,6 +60,19 @@ def check_compatible(
     delta: ScaleDelta, model: nn.Module, fingerprint: str, bits: int, group_size: int
 ) -> None:
     """Refuse a delta made for another base: fingerprint, layers, shapes, bits, group size, finiteness."""
+    shapes = {n: tuple(layer.scales.shape) for n, layer in quant_layers(model).items()}
+    check_against_shapes(delta, shapes, fingerprint, bits, group_size)
+
+
+def check_against_shapes(
+    delta: ScaleDelta,
+    scale_shapes: dict[str, tuple[int, ...]],
+    fingerprint: str,
+    bits: int,
+    group_size: int,
+) -> None:
+    """:func:`check_compatible` against the base's scale shapes by layer, no model needed
+    (``peqa merge`` checks a delta from the base's file headers before reading any tensor)."""
     where = delta.path or "delta"
     cfg = delta.config
     if cfg.get("bits") != bits or cfg.get("group_size") != group_size:
@@ -72,13 +85,12 @@ def check_compatible(
             f"{where} belongs to another base (its base fingerprint {delta.base_fingerprint[:12]}... "
             f"!= {fingerprint[:12]}...)"
         )
-    layers = quant_layers(model)
     for name, d in delta.deltas.items():
-        if name not in layers:
+        if name not in scale_shapes:
             raise CheckpointError(f"{where}: layer {name} is not a quantized layer of the base")
-        if tuple(d.shape) != tuple(layers[name].scales.shape):
+        if tuple(d.shape) != tuple(scale_shapes[name]):
             raise CheckpointError(
-                f"{where}: {name} has shape {list(d.shape)}, the base expects {list(layers[name].scales.shape)}"
+                f"{where}: {name} has shape {list(d.shape)}, the base expects {list(scale_shapes[name])}"
             )
         if not torch.isfinite(d).all():
             raise CheckpointError(f"{where}: {name} holds NaN or inf values")
@@ -91,6 +103,7 @@ def apply_delta(model: nn.Module, delta: ScaleDelta) -> None:
         base = _remember_base(layer)
         d = delta.deltas.get(name)
         layer.scales.data.copy_(base if d is None else base + d.to(base.device, base.dtype))
+        layer.clear_cache()
 
 
 @torch.no_grad()
@@ -100,6 +113,7 @@ def remove_delta(model: nn.Module) -> None:
         base = getattr(layer, "_peqa_base_scales", None)
         if base is not None:
             layer.scales.data.copy_(base)
+            layer.clear_cache()
 
 
 @torch.no_grad()

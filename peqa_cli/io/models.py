@@ -23,6 +23,7 @@ from peqa_cli.io.checkpoint import (
     load_quantized,
 )
 from peqa_cli.io.sources import resolve_model
+from peqa_cli.quant.linear import set_weight_cache
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,18 @@ def load_tokenizer(path: Path):
         ) from None
 
 
-def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto") -> LoadedModel:
-    """Load ``spec`` for inference or training on ``device``."""
+def load_model(
+    spec: str,
+    device: str | torch.device = "cpu",
+    dtype: str = "auto",
+    weight_cache: bool | None = None,
+) -> LoadedModel:
+    """Load ``spec`` for inference on ``device``.
+
+    ``weight_cache`` (quantized models): keep each layer's dequantized weight between
+    forwards. ``None`` = on for CPU, where unpacking per forward dominates decoding; off on
+    CUDA, where it is cheap and memory is the point of quantizing.
+    """
     device = torch.device(device)
     if dtype not in DTYPES:
         raise InputError(f"dtype '{dtype}' is not allowed (choose from {', '.join(DTYPES)})")
@@ -63,6 +74,7 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: str = "auto
     path = Path(spec).expanduser()
     if path.is_dir() and is_quantized_checkpoint(path):
         qm = load_quantized(path, device=device, dtype=torch_dtype)
+        set_weight_cache(qm.model, device.type == "cpu" if weight_cache is None else weight_cache)
         return LoadedModel(qm.model, load_tokenizer(path), spec, path, qm)
     source = resolve_model(spec)
     from transformers import AutoModelForCausalLM

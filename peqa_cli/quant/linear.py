@@ -160,13 +160,36 @@ class QuantLinear(nn.Module):
         qbar = unpack_centered(self.qweight, self.qzeros, self.g_idx, self.bits, dtype)
         return (qbar * self.scales.detach().to(dtype)[self.g_idx.long()]).t().contiguous()
 
+    # Inference-only weight cache (off by default). Unpacking every layer on every forward
+    # dominates CPU decoding, where each step multiplies a single token; evaluation and
+    # generation may trade memory (one float weight per layer) for speed. Never used while the
+    # scales train, and dropped whenever the scales change through apply/remove_delta.
+    cache_weights: bool = False
+    _weight_cache: torch.Tensor | None = None
+
+    def clear_cache(self) -> None:
+        self._weight_cache = None
+
+    def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self._weight_cache
+        if w is None or w.dtype != dtype or w.device != self.qweight.device:
+            qbar = unpack_centered(self.qweight, self.qzeros, self.g_idx, self.bits, dtype)
+            w = qbar * self.scales.detach().to(dtype)[self.g_idx.long()]
+            self._weight_cache = w
+        return w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             x = x.to(torch.get_autocast_dtype(dev))
+        training_scales = torch.is_grad_enabled() and self.scales.requires_grad
         # Autocast off inside: the Function picks its dtype from x, forward and backward alike.
         with torch.autocast(dev, enabled=False):
-            y = ScaleMatmul.apply(x, self.scales, self.qweight, self.qzeros, self.g_idx, self.bits)
+            if self.cache_weights and not training_scales:
+                y = x @ self._cached_weight(x.dtype)
+            else:
+                self._weight_cache = None
+                y = ScaleMatmul.apply(x, self.scales, self.qweight, self.qzeros, self.g_idx, self.bits)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         return y
@@ -176,6 +199,17 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}"
         )
+
+
+def set_weight_cache(model: nn.Module, enabled: bool) -> int:
+    """Turn the inference weight cache on or off for every QuantLinear; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.cache_weights = enabled
+            m.clear_cache()
+            n += 1
+    return n
 
 
 def linear_reference(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
