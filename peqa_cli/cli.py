@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Annotated
 
@@ -396,7 +397,14 @@ def recipes_cp(
     typer.echo(str(copy_recipe(name, dest)))
 
 
+def _sigterm(signum, frame) -> None:
+    # A job scheduler's SIGTERM unwinds like Ctrl-C, so temporary output folders are removed
+    # (and training saves a checkpoint) instead of being left half-written.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _sigterm)
     app()
 
 

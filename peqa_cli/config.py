@@ -91,6 +91,9 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, int | float):
             problems.append(f"{where}: expected a number, got {value!r}")
             return value
@@ -118,9 +121,11 @@ def _build(cls: type[T], data: dict, prefix: str, problems: list[str]) -> T:
         if name not in data:
             continue
         where = f"{prefix}.{name}" if prefix else name
+        before = len(problems)
         value = _coerce(data[name], hints[name], where, problems)
         choices = f.metadata.get("choices")
-        if choices is not None and value not in choices and not isinstance(value, list | dict):
+        wrong_type = len(problems) > before  # one problem per bad key, not two
+        if choices is not None and not wrong_type and value not in choices and not isinstance(value, list | dict):
             problems.append(
                 f"{where}: {value!r} is not allowed (choose from {', '.join(map(str, choices))})"
             )

@@ -106,7 +106,7 @@ def _hub_snapshot(repo_id: str) -> Path:
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"],
         )
     except Exception as exc:
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = type(exc).__name__
         raise InputError(
             f"cannot fetch '{repo_id}' from the Hugging Face hub (offline or unreachable: {reason}); "
             f"pass a local model folder, a .gguf file, or the alias '{DEFAULT_MODEL}'"
@@ -150,12 +150,15 @@ def check_causal_lm_dir(path: Path) -> dict:
     """A folder must hold a causal LM's config and weights; return its config."""
     cfg = load_config_json(path)
     archs = cfg.get("architectures") or []
-    if not any(a.endswith("ForCausalLM") for a in archs):
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if archs:
+        causal = any(a.endswith("ForCausalLM") for a in archs)
+    else:  # no architectures recorded: judge by model_type (BERT is in this mapping too, hence last)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        if cfg.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            found = ", ".join(archs) or cfg.get("model_type") or "unknown"
-            raise InputError(f"{path} is not a causal language model (architecture: {found})")
+        causal = cfg.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if not causal:
+        found = ", ".join(archs) or cfg.get("model_type") or "unknown"
+        raise InputError(f"{path} is not a causal language model (architecture: {found})")
     if not weight_files(path):
         raise InputError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
     return cfg
