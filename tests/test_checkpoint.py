@@ -135,3 +135,29 @@ def test_untied_model_with_bias(tmp_path):
         ref = model.float()(ids).logits
         got = loaded(ids).logits
     assert torch.allclose(ref, got, atol=0.1 * ref.abs().max().item())
+
+
+def test_row_chunking_changes_nothing(tmp_path, tiny_llama_dir, monkeypatch):
+    import peqa_cli.recipes.quantize as qmod
+
+    whole = quantize_dir(tiny_llama_dir, tmp_path / "whole", 3, 48)
+    monkeypatch.setattr(qmod, "CHUNK_ELEMENTS", 32 * 64)  # 32 rows per step
+    chunked = quantize_dir(tiny_llama_dir, tmp_path / "chunked", 3, 48)
+    assert chunked["fingerprint"] == whole["fingerprint"]
+    a = json.loads((tmp_path / "whole" / "peqa.json").read_text())["layers"]
+    b = json.loads((tmp_path / "chunked" / "peqa.json").read_text())["layers"]
+    for name in a:
+        assert a[name]["relative_error"] == pytest.approx(b[name]["relative_error"], abs=2e-6)
+
+
+def test_recorded_error_is_the_relative_reconstruction_error(tmp_path, tiny_llama_dir):
+    from peqa_cli.quant.primitives import dequantize, quantize_weight, relative_error
+
+    quantize_dir(tiny_llama_dir, tmp_path / "q", 4, 32)
+    meta = json.loads((tmp_path / "q" / "peqa.json").read_text())
+    w = make_tiny_llama().model.layers[1].mlp.up_proj.weight.detach()
+    r = quantize_weight(w, 4, 32)
+    want = relative_error(w, dequantize(r["q"], r["scales"], r["zeros"], r["g_idx"]))
+    assert meta["layers"]["model.layers.1.mlp.up_proj"]["relative_error"] == pytest.approx(
+        want, abs=2e-6
+    )

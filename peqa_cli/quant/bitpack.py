@@ -18,6 +18,7 @@ is the same operation on the transpose (``pack_cols``).
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -104,6 +105,24 @@ def _unpack_plan(bits: int) -> list[tuple[str, int, object]]:
     if run:
         plan.append(("run", run_word, torch.tensor(run, dtype=torch.int32).view(1, -1, 1)))
     return plan
+
+
+def pack_weight(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """``qweight`` from integers in weight orientation: uint8 [N, K] -> int32 [K*bits/32, N].
+
+    Same result as ``pack_rows(q.t(), bits)``. For 2, 4 and 8 bits the values are first
+    packed into bytes along K (contiguous in this orientation) and the bytes read as
+    little-endian int32 words, which avoids int64 temporaries of the whole matrix.
+    """
+    if bits == 3 or sys.byteorder != "little":
+        return pack_rows(q.t(), bits)
+    n, k = q.shape
+    per_byte = 8 // bits
+    qb = q.to(torch.uint8).reshape(n, k // per_byte, per_byte)
+    packed = qb[..., 0].clone()
+    for j in range(1, per_byte):
+        packed |= qb[..., j] << (j * bits)
+    return packed.view(torch.int32).t().contiguous()
 
 
 def pack_cols(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -189,7 +189,9 @@ class QuantLinear(nn.Module):
                 y = x @ self._cached_weight(x.dtype)
             else:
                 self._weight_cache = None
-                y = ScaleMatmul.apply(x, self.scales, self.qweight, self.qzeros, self.g_idx, self.bits)
+                y = ScaleMatmul.apply(
+                    x, self.scales, self.qweight, self.qzeros, self.g_idx, self.bits
+                )
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         return y

@@ -100,6 +100,45 @@ def dequantize(
     return ((q.to(dtype) - zeros.to(dtype)[gi].t()) * scales.to(dtype)[gi].t()).contiguous()
 
 
+def _group_views(x: torch.Tensor, group_size: int):
+    """Yield (columns slice, first group, [N, G', g] view) covering x's columns by group.
+
+    Full groups come as one 3-D view, the partial last group (if any) as a second, so
+    per-group math broadcasts instead of gathering an [N, K] matrix of scales.
+    """
+    n, k = x.shape
+    g = k if group_size == -1 or group_size >= k else group_size
+    full = k // g * g
+    if full:
+        yield slice(0, full), 0, x[:, :full].view(n, full // g, g)
+    if full < k:
+        yield slice(full, k), full // g, x[:, full:].view(n, 1, k - full)
+
+
+def quantize_grouped(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, float]:
+    """Fast path of :func:`quantize` for contiguous groups; also returns ||W - W_hat||^2.
+
+    Works group-wise with broadcasting and in-place ops: one float temporary of W's size
+    instead of several gathered [N, K] matrices, and no separate dequantize for the error.
+    """
+    qmax = QMAX[bits]
+    w = w.float()
+    q = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+    sq_err = 0.0
+    for cols, g0, view in _group_views(w, group_size):
+        ng = view.shape[1]
+        s = scales[g0 : g0 + ng].t().unsqueeze(-1).float()  # [N, G', 1]
+        z = zeros[g0 : g0 + ng].t().unsqueeze(-1).float()
+        tv = torch.div(view, s)
+        tv.round_().add_(z).clamp_(0, qmax)
+        q[:, cols] = tv.reshape(w.shape[0], -1).to(torch.uint8)
+        tv.sub_(z).mul_(s).sub_(view)  # W_hat - W, in place
+        sq_err += float(tv.pow_(2).sum())
+    return q, sq_err
+
+
 def quantize_weight(
     w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16
 ) -> dict[str, torch.Tensor]:
@@ -112,8 +151,8 @@ def quantize_weight(
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     g_idx = group_index(w.shape[1], group_size, device=w.device)
     scales, zeros = choose_qparams(w, bits, group_size, scale_dtype)
-    q = quantize(w, scales, zeros, g_idx, bits)
-    return {"q": q, "scales": scales, "zeros": zeros, "g_idx": g_idx}
+    q, sq_err = quantize_grouped(w, scales, zeros, bits, group_size)
+    return {"q": q, "scales": scales, "zeros": zeros, "g_idx": g_idx, "sq_err": sq_err}
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:

@@ -27,10 +27,9 @@ from peqa_cli.progress import progress_bar
 from peqa_cli.quant import bitpack
 from peqa_cli.quant.primitives import (
     SUPPORTED_BITS,
-    dequantize,
+    group_index,
     num_groups,
     quantize_weight,
-    relative_error,
 )
 from peqa_cli.quant.replace import packable, select_linears
 
@@ -158,6 +157,34 @@ def _skeleton(src: Path):
     return config, model
 
 
+# Rows quantized per step: bounds the float temporaries (~12 bytes per element) to a few
+# hundred MB whatever the layer's size. Rows are independent (scales are per row and group),
+# and a multiple of 32 rows keeps every chunk's zero-points in whole int32 words.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def quantize_linear(
+    w: torch.Tensor, bits: int, group_size: int, device: torch.device
+) -> tuple[list[torch.Tensor], float]:
+    """One linear weight [N, K] -> ([qweight, qzeros, scales fp16, g_idx], relative error)."""
+    n, k = w.shape
+    rows = max(32, CHUNK_ELEMENTS // max(k, 1) // 32 * 32)
+    qweight, qzeros, scales = [], [], []
+    sq_err = sq_ref = 0.0
+    for r0 in range(0, n, rows):
+        chunk = w[r0 : r0 + rows].to(device=device, dtype=torch.float32)
+        r = quantize_weight(chunk, bits, group_size)
+        sq_err += r["sq_err"]
+        sq_ref += float(torch.linalg.vector_norm(chunk)) ** 2
+        qweight.append(bitpack.pack_weight(r["q"], bits).cpu())
+        qzeros.append(bitpack.pack_cols(r["zeros"], bits).cpu())
+        scales.append(r["scales"].to(torch.float16).cpu())
+        del chunk, r
+    g_idx = group_index(k, group_size)
+    err = (sq_err / sq_ref) ** 0.5 if sq_ref > 0 else 0.0
+    return [torch.cat(qweight, 1), torch.cat(qzeros, 1), torch.cat(scales, 1), g_idx], err
+
+
 def run(cfg: QuantizeRecipe) -> dict:
     """Quantize ``cfg.model`` into ``cfg.out``; returns the summary printed by the CLI."""
     out = Path(cfg.out)
@@ -257,22 +284,11 @@ def run(cfg: QuantizeRecipe) -> dict:
                 t = reader.read(key)
                 if len(outs) == 4:  # a target linear
                     module = outs[0].name[: -len(".qweight")]
-                    w = t.to(device=device, dtype=torch.float32)
-                    r = quantize_weight(w, bits, gs)
-                    errors[module] = relative_error(
-                        w, dequantize(r["q"], r["scales"], r["zeros"], r["g_idx"])
-                    )
-                    tensors = [
-                        bitpack.pack_rows(r["q"].t(), bits),
-                        bitpack.pack_cols(r["zeros"], bits),
-                        r["scales"].to(torch.float16),
-                        r["g_idx"],
-                    ]
+                    tensors, errors[module] = quantize_linear(t, bits, gs, device)
                     for spec, x in zip(outs, tensors, strict=True):
-                        x = x.cpu()
                         digests[spec.name] = ckpt.tensor_digest(x)
                         by_name[spec.name].write(spec.name, x)
-                    del w, r, tensors
+                    del tensors
                 else:
                     spec = outs[0]
                     by_name[spec.name].write(spec.name, t.to(spec.dtype))
