@@ -258,9 +258,14 @@ def evaluate(
     from peqa_cli.recipes.evaluate import EvalRecipe, run
 
     recipe = find_recipe(model)
-    flags = {"model": None if recipe else model, "deltas": delta or None, "data_dir": data_dir,
-             "limit": limit, "json": json_file,
-             "tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None}
+    flags = {
+        "model": None if recipe else model,
+        "deltas": delta or None,
+        "data_dir": data_dir,
+        "limit": limit,
+        "json": json_file,
+        "tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+    }
     cfg = load_config(EvalRecipe, recipe, overrides, flags)
     if print_config:
         typer.echo(dump_yaml(cfg), nl=False)

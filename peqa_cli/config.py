@@ -125,7 +125,12 @@ def _build(cls: type[T], data: dict, prefix: str, problems: list[str]) -> T:
         value = _coerce(data[name], hints[name], where, problems)
         choices = f.metadata.get("choices")
         wrong_type = len(problems) > before  # one problem per bad key, not two
-        if choices is not None and not wrong_type and value not in choices and not isinstance(value, list | dict):
+        if (
+            choices is not None
+            and not wrong_type
+            and value not in choices
+            and not isinstance(value, list | dict)
+        ):
             problems.append(
                 f"{where}: {value!r} is not allowed (choose from {', '.join(map(str, choices))})"
             )
