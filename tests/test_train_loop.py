@@ -92,6 +92,9 @@ def test_delta_metadata_and_size(tmp_path, assets):
     n_scales = sum(m.scales.numel() for m in quant_layers(base.model).values())
     assert summary["trainable_params"] == n_scales
     assert summary["delta_bytes"] == sum(f.stat().st_size for f in (out / "final").iterdir())
+    # readable by the team like the files around it (mkstemp / safetensors alone give 0600)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (out / "final").iterdir()}
+    assert len(set(modes.values())) == 1 and modes["adapter_model.safetensors"] & 0o044, modes
 
 
 def test_delta_refuses_another_base(tmp_path, assets):

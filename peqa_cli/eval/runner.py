@@ -34,6 +34,7 @@ from peqa_cli.eval.tasks import (
     source_label,
     task_sources,
 )
+from peqa_cli.io.checkpoint import make_shareable
 
 
 def score_items(
@@ -200,6 +201,7 @@ def write_json(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    make_shareable(tmp)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(_finite(list(rows)), fh, indent=2)

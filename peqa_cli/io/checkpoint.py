@@ -148,10 +148,16 @@ def _umask() -> int:
     return mask
 
 
+def make_shareable(path: str | os.PathLike) -> None:
+    """Give a file the umask's usual mode: mkstemp (and safetensors' writer) make 0600, yet
+    checkpoints, deltas and results are meant to be read by the rest of a team."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is meant to be shared
+    make_shareable(tmp)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from peqa_cli.errors import CheckpointError
-from peqa_cli.io.checkpoint import atomic_output_dir, quant_layers, write_json
+from peqa_cli.io.checkpoint import atomic_output_dir, make_shareable, quant_layers, write_json
 from peqa_cli.quant.linear import QuantLinear
 
 DELTA_FILE = "adapter_model.safetensors"
@@ -138,6 +138,7 @@ def save_delta(
     with atomic_output_dir(out, overwrite) as tmp:
         tensors = {f"{n}{SUFFIX}": d.float().contiguous() for n, d in deltas.items()}
         save_file(tensors, str(tmp / DELTA_FILE), metadata={"format": "pt", "peft_type": "PEQA"})
+        make_shareable(tmp / DELTA_FILE)
         write_json(tmp / DELTA_CONFIG, {**config, "peft_type": "PEQA", "layers": sorted(deltas)})
     return out
 
