@@ -27,7 +27,6 @@ from peqa_cli.paths import data_file
 from peqa_cli.recipes.quantize import QuantizeRecipe, QuantSettings, run
 
 VARIANTS = [(4, -1), (4, 128), (4, 64), (3, -1), (3, 128), (3, 64)]
-PROMPT = "The capital of France is"
 
 
 def sample(lm, max_new_tokens: int = 16) -> str:
