@@ -111,7 +111,7 @@ def test_delta_refuses_another_base(tmp_path, assets):
         check_compatible(delta, q3.model, q3.fingerprint, 3, 48)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # optimizer.step is stubbed
 def test_loss_ignores_masked_prompt_tokens(tmp_path, assets):
     """The trainer's step loss is the token mean of a cross-entropy that skips -100 labels."""
     from peqa_cli.recipes.finetune import make_accelerator
