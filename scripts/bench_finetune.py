@@ -7,12 +7,16 @@ on random tokens (same ``--batch`` x ``--seq-len`` everywhere). It reports its o
 (``getrusage`` ``ru_maxrss``; the parent stays small and never imports torch, so nothing
 carries over) and tokens/s over the timed steps.
 
-    method      | trains                      | base weights held
-    ------------+-----------------------------+--------------------------------------
-    peqa-w4/w3  | quantization scales (AdamW) | packed ints + fp32 embeddings/norms/head
-    lora-fp32   | LoRA r=8 on every linear     | fp32
-    lora-bf16   | LoRA r=8 (fp32 adapters)     | bf16
-    full        | everything                  | fp32 (+ fp32 grads + AdamW moments)
+    method          | trains                      | base weights held, compute dtype
+    ----------------+-----------------------------+------------------------------------------
+    peqa-w4/w3      | quantization scales (AdamW) | packed ints + fp32 embeddings/norms/head
+    peqa-w4/w3-bf16 | quantization scales (AdamW) | packed ints + bf16 embeddings/norms/head
+    lora-fp32       | LoRA r=8 on every linear    | fp32
+    lora-bf16       | LoRA r=8 (fp32 adapters)    | bf16
+    full            | everything                  | fp32 (+ fp32 grads + AdamW moments)
+
+Speed is compared with LoRA computing in the same dtype (the bf16 rows against LoRA on a
+bf16 base, the fp32 rows against LoRA on an fp32 base); memory always with LoRA on bf16.
 
 PEQA checkpoints come from ``peqa quantize`` (per channel by default, the paper's layout).
 A memory model (weights + trainable state + activations + PEQA's transient dequantized
@@ -36,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("peqa-w4", "peqa-w3", "lora-fp32", "lora-bf16", "full")
+METHODS = ("peqa-w4", "peqa-w3", "peqa-w4-bf16", "peqa-w3-bf16", "lora-fp32", "lora-bf16", "full")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name: (hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings)
 SHAPES = {
@@ -71,16 +75,25 @@ def shape_counts(name: str, bits: int = 4, group_size: int = -1) -> dict:
 def static_bytes(method: str, c: dict) -> float:
     """Weights plus trainable state (param + grad + two AdamW moments = 16 B per fp32 param)."""
     if method.startswith("peqa"):
-        bits = int(method[-1])
+        bits, width = peqa_bits(method), 2 if is_bf16(method) else 4
         ints = c["linear"] * bits / 8 + c["scales"] * bits / 8  # qweight + qzeros
-        # scales: param + grad + moments; 4 * max K*N: the dequantized weight, its scaled
-        # copy and the grouped backward's dL/dW that exist for one layer at a time.
-        return ints + c["scales"] * 16 + c["float"] * 4 + 4 * 4 * c["max_kn"]
+        # scales: param + grad + moments (fp32); the frozen float parts in the compute dtype;
+        # 3 x max K*N: the reused Q_bar buffer, the unpacked uint8 and one product, which
+        # exist for one layer at a time.
+        return ints + c["scales"] * 16 + c["float"] * width + 3 * width * c["max_kn"]
     if method == "lora-fp32":
         return c["params"] * 4 + c["lora"] * 16
     if method == "lora-bf16":
         return c["params"] * 2 + c["lora"] * 16
     return c["params"] * 16  # full
+
+
+def peqa_bits(method: str) -> int:
+    return int(method.split("-")[1][1:])  # "peqa-w4-bf16" -> 4
+
+
+def is_bf16(method: str) -> bool:
+    return method.endswith("bf16")
 
 
 def act_units(c: dict, tokens: int) -> float:
@@ -180,7 +193,8 @@ def worker_train(method: str, path: str, batch: int, seq_len: int, warmup: int, 
     torch.manual_seed(0)
     runtime_mb = psutil.Process().memory_info().rss / MB  # interpreter + libraries
     if method.startswith("peqa"):
-        model = load_quantized(path, device="cpu", dtype=torch.float32).model
+        dtype = torch.bfloat16 if is_bf16(method) else torch.float32  # the frozen float parts
+        model = load_quantized(path, device="cpu", dtype=dtype).model
         params = list(trainable_scales(model).values())
     else:
         dtype = torch.bfloat16 if method == "lora-bf16" else torch.float32
@@ -242,7 +256,7 @@ def render(rows: list[dict], predictions: list[dict], checks: dict) -> None:
 
     t = Table(title="fine-tuning: peak RSS and speed (same batch x seq len per model)")
     for col in ("model", "method", "trainable", "peak MB", "model fit MB", "x LoRA-bf16",
-                "tokens/s", "x LoRA-fp32", "note"):  # fmt: skip
+                "tokens/s", "x LoRA", "note"):  # fmt: skip
         t.add_column(col, justify="left" if col in ("model", "method", "note") else "right")
     for r in rows:
         if "peak_mb" not in r:
@@ -251,7 +265,7 @@ def render(rows: list[dict], predictions: list[dict], checks: dict) -> None:
             continue
         t.add_row(r["model"], r["method"], f"{r['trainable'] / 1e6:.2f}M", f"{r['peak_mb']:.0f}",
                   f"{r['predicted_mb']:.0f}", f"{r.get('peak_vs_lora_bf16', float('nan')):.2f}",
-                  f"{r['tokens_per_s']:.1f}", f"{r.get('speed_vs_lora_fp32', float('nan')):.2f}",
+                  f"{r['tokens_per_s']:.1f}", f"{r.get('speed_vs_lora', float('nan')):.2f}",
                   "")  # fmt: skip
     Console().print(t)
     p = Table(title="memory model: predicted peak (GB) at the same batch x seq len, CPU dtypes")
@@ -270,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="smollm2,1b", help="smollm2, 1b")
     ap.add_argument("--methods", default=",".join(METHODS), help=", ".join(METHODS))
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
     ap.add_argument("--group-size", type=int, default=-1, help="PEQA scales: -1 per channel")
@@ -305,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         c = shape_counts(model, group_size=args.group_size)
         for method in args.methods.split(","):
-            path = paths["w4"] if method == "peqa-w4" else paths["w3"] if method == "peqa-w3" \
-                else paths["float"]  # fmt: skip
+            path = paths[f"w{peqa_bits(method)}"] if method.startswith("peqa") else paths["float"]
             row = {"model": model, "method": method, "static_b": static_bytes(method, c),
                    "act_units": act_units(c, tokens)}  # fmt: skip
             # Rough guard before running: static bytes + 25% + 1 GB of runtime.
@@ -331,24 +344,35 @@ def main(argv: list[str] | None = None) -> int:
             r["model_error"] = r["predicted_mb"] / r["peak_mb"] - 1
     by = {(r["model"], r["method"]): r for r in rows}
     for r in rows:
-        ref_mem, ref_speed = by.get((r["model"], "lora-bf16")), by.get((r["model"], "lora-fp32"))
+        # Speed against LoRA computing in the same dtype (bf16 methods: LoRA on a bf16 base).
+        ref_mem = by.get((r["model"], "lora-bf16"))
+        ref_speed = by.get((r["model"], "lora-bf16" if is_bf16(r["method"]) else "lora-fp32"))
         if "peak_mb" in r and ref_mem and "peak_mb" in ref_mem:
             r["peak_vs_lora_bf16"] = r["peak_mb"] / ref_mem["peak_mb"]
         if "tokens_per_s" in r and ref_speed and "tokens_per_s" in ref_speed:
-            r["speed_vs_lora_fp32"] = r["tokens_per_s"] / ref_speed["tokens_per_s"]
+            r["speed_vs_lora"] = r["tokens_per_s"] / ref_speed["tokens_per_s"]
     predictions = [
         {"model": name, **{m: predict_mb(m, name, tokens, coeffs[m], runtime) for m in METHODS}}
         for name in ("llama-7b", "llama-13b", "llama-65b")
     ]
-    w4, lb, lf = by.get(("1b", "peqa-w4"), {}), by.get(("1b", "lora-bf16"), {}), \
-        by.get(("1b", "lora-fp32"), {})  # fmt: skip
+
+    def get(method: str) -> dict:
+        return by.get(("1b", method), {})
+
+    def check(a: dict, b: dict, key: str, factor: float, le: bool) -> bool | None:
+        if key not in a or key not in b:
+            return None
+        return a[key] <= factor * b[key] if le else a[key] >= factor * b[key]
+
     checks = {
-        "1B: PEQA W4 peak <= 0.5x LoRA-on-bf16": (w4["peak_mb"] <= 0.5 * lb["peak_mb"])
-        if "peak_mb" in w4 and "peak_mb" in lb else None,
-        "1B: PEQA W4 tokens/s >= LoRA-on-bf16": (w4["tokens_per_s"] >= lb["tokens_per_s"])
-        if "tokens_per_s" in w4 and "tokens_per_s" in lb else None,
-        "1B: PEQA W4 tokens/s >= LoRA-on-fp32": (w4["tokens_per_s"] >= lf["tokens_per_s"])
-        if "tokens_per_s" in w4 and "tokens_per_s" in lf else None,
+        "1B: PEQA W4 (bf16 parts) peak <= 0.5x LoRA-on-bf16":
+            check(get("peqa-w4-bf16"), get("lora-bf16"), "peak_mb", 0.5, True),
+        "1B: PEQA W4 (fp32 parts) peak <= 0.5x LoRA-on-bf16":
+            check(get("peqa-w4"), get("lora-bf16"), "peak_mb", 0.5, True),
+        "1B: PEQA W4 bf16 tokens/s >= LoRA-on-bf16":
+            check(get("peqa-w4-bf16"), get("lora-bf16"), "tokens_per_s", 1.0, False),
+        "1B: PEQA W4 fp32 tokens/s >= LoRA-on-fp32":
+            check(get("peqa-w4"), get("lora-fp32"), "tokens_per_s", 1.0, False),
     }  # fmt: skip
     render(rows, predictions, checks)
     report = {

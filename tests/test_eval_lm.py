@@ -23,6 +23,13 @@ REQUESTS = [
     ("", "Hello world"),
     ("x", " y"),
     ("How to clean a window. Spray the glass.", " Wipe it with a cloth."),
+    # PIQA-like: choices that start alike (the common tokens run once, in the shared part),
+    # one a prefix of another, and two identical ones
+    ("Question: Keep milk fresh\nAnswer:", " Put the milk in the fridge."),
+    ("Question: Keep milk fresh\nAnswer:", " Put the milk in the oven."),
+    ("Question: Keep milk fresh\nAnswer:", " Put the milk"),
+    ("Question: Dry a cup\nAnswer:", " Use a towel."),
+    ("Question: Dry a cup\nAnswer:", " Use a towel."),
 ]
 
 

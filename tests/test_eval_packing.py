@@ -63,6 +63,21 @@ def test_layout_branch_mask_and_positions():
     assert plain.position_ids is None and plain.first_scored == 0
 
 
+def test_common_leading_tokens_of_the_choices_run_once():
+    a = split_request(0, [1, 2], [7, 8, 9, 5], 10)  # own 7 8 9
+    b = split_request(1, [1, 2], [7, 8, 4], 10)  # own 7 8
+    row = Row((1, 2), [a, b])
+    assert row.common == 2 and row.length == 2 + 2 + 1 + 0
+    lay = layout([row], pad_id=0, mask_dtype=torch.float32)
+    # shared 1 2 + common 7 8 | branch 0: 9 | branch 1: (nothing left)
+    assert lay.input_ids.tolist() == [[1, 2, 7, 8, 9]]
+    assert lay.position_ids.tolist() == [[0, 1, 2, 3, 4]]
+    # a predicts 7 8 9 5 from positions 1 2 3 4; b predicts 7 8 4 from 1 2 3
+    assert lay.positions == [1, 2, 3, 4, 1, 2, 3] and lay.targets == [7, 8, 9, 5, 7, 8, 4]
+    assert [n for _, n in lay.spans] == [4, 3]
+    assert Row((1, 2), [a]).common == 0  # a lone request keeps its tokens in its branch
+
+
 def test_score_gathers_and_sums():
     row = Row((1,), [split_request(0, [1], [2, 3], 10)])
     lay = layout([row], pad_id=0, mask_dtype=None)

@@ -3,7 +3,8 @@
 The choices of a multiple-choice item share their whole context. lm-eval runs ``context +
 choice`` once per choice; here a row holds the context once followed by every choice's own
 tokens, each branch attending only to the context and to itself (a 4-D additive attention mask)
-and numbered as if it came straight after the context (explicit position ids). The model thus
+and numbered as if it came straight after the context (explicit position ids). Leading tokens
+that all choices share move into the context part and run once too. The model thus
 computes exactly what separate rows would give, with the context's tokens run once and no
 padding between branches. Requests without a partner (or a model without position ids) use
 plain rows: one request per row, right padded, lm-eval's layout.
@@ -41,8 +42,22 @@ class Row:
     members: list[Request] = field(default_factory=list)
 
     @property
+    def common(self) -> int:
+        """Leading ``own`` tokens every member has: run once, in the shared part (PIQA's two
+        solutions often start alike; their first words then cost nothing the second time)."""
+        if len(self.members) < 2:
+            return 0
+        n = 0
+        for column in zip(*(m.own for m in self.members), strict=False):  # to the shortest
+            if any(t != column[0] for t in column):
+                break
+            n += 1
+        return n
+
+    @property
     def length(self) -> int:
-        return len(self.shared) + sum(len(m.own) for m in self.members)
+        c = self.common
+        return len(self.shared) + c + sum(len(m.own) - c for m in self.members)
 
 
 def split_request(
@@ -117,17 +132,18 @@ def layout(rows: Sequence[Row], pad_id: int, mask_dtype: torch.dtype | None) -> 
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     out_rows, out_pos, targets, spans = [], [], [], []
     for b, row in enumerate(rows):
-        n = len(row.shared)
-        ids[b, :n] = torch.tensor(row.shared)
-        seg[b, :n] = 0
-        pos[b, :n] = torch.arange(n)
-        start = n
+        n, c = len(row.shared), row.common
+        head = row.shared + row.members[0].own[:c]  # the context, then the common own tokens
+        ids[b, : n + c] = torch.tensor(head)
+        seg[b, : n + c] = 0
+        pos[b, : n + c] = torch.arange(n + c)
+        start = n + c
         for j, req in enumerate(row.members):
-            k = len(req.own)
-            ids[b, start : start + k] = torch.tensor(req.own, dtype=torch.long)
+            k = len(req.own) - c
+            ids[b, start : start + k] = torch.tensor(req.own[c:], dtype=torch.long)
             seg[b, start : start + k] = j + 1
-            pos[b, start : start + k] = torch.arange(n, n + k)
-            scored = [n - 1, *range(start, start + k)]
+            pos[b, start : start + k] = torch.arange(n + c, n + c + k)
+            scored = [n - 1, *range(n, n + c), *range(start, start + k)]
             out_rows += [b] * len(scored)
             out_pos += scored
             targets += req.targets

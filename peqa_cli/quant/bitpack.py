@@ -61,6 +61,12 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int | None = None) -> tor
     vals, words = BLOCK[bits]
     nwords, cols = packed.shape
     assert nwords % words == 0, f"{nwords} words is not a multiple of {words} for {bits} bits"
+    if rows is not None:
+        assert rows == nwords // words * vals, (
+            f"expected {rows} rows, packed {nwords // words * vals}"
+        )
+    if bits != 3 and sys.byteorder == "little":
+        return _unpack_bytes(packed, bits)
     mask = (1 << bits) - 1
     # One slice per run of values that sit wholly inside a word (vectorized shifts), plus
     # the few values that straddle two words; concatenated in stream order. Arithmetic
@@ -75,11 +81,25 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int | None = None) -> tor
             lo = (blocks[:, word] >> (32 - low_bits)) & ((1 << low_bits) - 1)
             hi = (blocks[:, word + 1] & ((1 << (bits - low_bits)) - 1)) << low_bits
             pieces.append((lo | hi).unsqueeze(1))
-    out = torch.cat(pieces, dim=1).reshape(nwords // words * vals, cols)
-    out = out.to(torch.uint8)
-    if rows is not None:
-        assert rows == out.shape[0], f"expected {rows} rows, unpacked {out.shape[0]}"
-    return out
+    return torch.cat(pieces, dim=1).reshape(nwords // words * vals, cols).to(torch.uint8)
+
+
+def _unpack_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """2/4/8 bits: read the words as little-endian bytes; value ``i`` of a word is bits
+    ``i*b .. i*b+b-1``, so byte ``j`` holds values ``j*per + h`` at shift ``h*b``. Works on
+    uint8 only (no int32/int64 temporaries of the whole matrix): the training forward and
+    backward unpack every layer each step."""
+    nwords, cols = packed.shape
+    per = 8 // bits
+    # reshape(-1): contiguous() keeps odd strides on size-1 dims, which view(uint8) rejects
+    b = packed.contiguous().reshape(-1).view(torch.uint8).view(nwords, cols, 4).permute(0, 2, 1)
+    if per == 1:
+        return b.reshape(nwords * 4, cols)
+    out = torch.empty(nwords, 4, per, cols, dtype=torch.uint8, device=packed.device)
+    mask = (1 << bits) - 1
+    for h in range(per):
+        torch.bitwise_and(b >> (h * bits), mask, out=out[:, :, h])
+    return out.view(nwords * 4 * per, cols)
 
 
 @functools.cache

@@ -15,6 +15,8 @@ activations. :class:`ScaleMatmul` gives exact gradients for the scales and the i
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,15 +26,57 @@ from peqa_cli.quant.primitives import QMAX, num_groups
 
 
 def unpack_centered(
-    qweight: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor, bits: int, dtype: torch.dtype
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype,
+    scratch: bool = False,
 ) -> torch.Tensor:
     """Q_bar [K, N] = q - z[g_idx], in ``dtype``.
 
-    |q - z| < 256, so the values are exact in fp16, bf16 and fp32 alike.
+    |q - z| < 256, so the values are exact in fp16, bf16 and fp32 alike. ``scratch=True``
+    returns a view of a reused per-thread buffer (see :func:`_scratch`), valid only until the
+    next call: for the autograd function, which uses it at once and keeps nothing.
     """
     q = bitpack.unpack_rows(qweight, bits)
-    z = bitpack.unpack_cols(qzeros, bits)
-    return q.to(dtype) - z.to(dtype)[g_idx.long()]
+    z = bitpack.unpack_cols(qzeros, bits).to(dtype)
+    out = _scratch(q.shape, dtype, q.device).copy_(q) if scratch else q.to(dtype)
+    k, groups = out.shape[0], z.shape[0]
+    if groups == 1:  # per channel: broadcast, no [K, N] gather
+        return out.sub_(z)
+    size = -(-k // groups)
+    if _contiguous_groups(g_idx, size):  # groups in order: subtract per block of rows
+        full = k // size
+        out[: full * size].view(full, size, -1).sub_(z[:full, None])
+        out[full * size :].sub_(z[full:])
+        return out
+    return out.sub_(z[g_idx.long()])  # act-order (desc_act) checkpoints
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable CPU buffer for Q_bar. Every forward and backward of every layer needs one
+    [K, N] float matrix for a moment; a fresh allocation of that size is mmap'd and
+    page-faulted in by glibc each time, which costs ~10x the arithmetic on CPU. The buffer is
+    only read before the next layer runs (nothing keeps a reference: ScaleMatmul saves x, not
+    Q_bar), so one per thread and dtype is enough; it grows to the largest layer. CUDA's caching
+    allocator already reuses memory, so there a plain allocation is used."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    n = shape.numel()
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = bufs[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def _contiguous_groups(g_idx: torch.Tensor, size: int) -> bool:
+    ref = torch.arange(g_idx.numel(), device=g_idx.device) // size
+    return bool(torch.equal(g_idx.long(), ref))
 
 
 class ScaleMatmul(torch.autograd.Function):
@@ -46,7 +90,7 @@ class ScaleMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scales, qweight, qzeros, g_idx, bits: int):  # noqa: D102
-        qbar = unpack_centered(qweight, qzeros, g_idx, bits, x.dtype)
+        qbar = unpack_centered(qweight, qzeros, g_idx, bits, x.dtype, scratch=True)
         s = scales.to(x.dtype)
         y = (x @ qbar) * s[0] if s.shape[0] == 1 else x @ (qbar * s[g_idx.long()])
         ctx.save_for_backward(x, scales, qweight, qzeros, g_idx)
@@ -56,7 +100,7 @@ class ScaleMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # noqa: D102
         x, scales, qweight, qzeros, g_idx = ctx.saved_tensors
-        qbar = unpack_centered(qweight, qzeros, g_idx, ctx.bits, grad_y.dtype)
+        qbar = unpack_centered(qweight, qzeros, g_idx, ctx.bits, grad_y.dtype, scratch=True)
         s = scales.to(grad_y.dtype)
         gi = g_idx.long()
         grad_x = grad_s = None
