@@ -182,12 +182,15 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def worker_train(method: str, path: str, batch: int, seq_len: int, warmup: int, steps: int) -> dict:
+def worker_train(
+    method: str, path: str, batch: int, seq_len: int, warmup: int, steps: int, checkpointing: bool
+) -> dict:
     import psutil
     import torch
     from transformers import AutoModelForCausalLM
 
     from peqa_cli.io.checkpoint import load_quantized
+    from peqa_cli.train.loop import enable_checkpointing
     from peqa_cli.train.optim import trainable_scales
 
     torch.manual_seed(0)
@@ -207,6 +210,8 @@ def worker_train(method: str, path: str, batch: int, seq_len: int, warmup: int, 
         params = [p for p in model.parameters() if p.requires_grad]
     loaded_mb = psutil.Process().memory_info().rss / MB
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=False)
+    if checkpointing:  # non-reentrant activation checkpointing, as `peqa finetune` does
+        enable_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
     model.train()
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
@@ -288,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
     ap.add_argument("--group-size", type=int, default=-1, help="PEQA scales: -1 per channel")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="activation checkpointing for every method (the large-model setting)")  # fmt: skip
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "peqa-bench-ft"))
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
     ap.add_argument("--out", default="bench_finetune.json")
@@ -301,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["BENCH_GROUP_SIZE"] = str(task["group_size"])
             result = worker_prepare(task["model"], Path(task["workdir"]))
         else:
-            result = worker_train(task["method"], task["path"], task["batch"],
-                                  task["seq_len"], task["warmup"], task["steps"])  # fmt: skip
+            result = worker_train(task["method"], task["path"], task["batch"], task["seq_len"],
+                                  task["warmup"], task["steps"], task["checkpointing"])  # fmt: skip
         Path(args.worker).write_text(json.dumps(result))
         return 0
 
@@ -330,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model} {method}: skipped ({row['skipped']})", file=sys.stderr)
                 continue
             task = {"kind": "train", "method": method, "path": path, "batch": args.batch,
-                    "seq_len": args.seq_len, "warmup": args.warmup, "steps": args.steps}  # fmt: skip
+                    "seq_len": args.seq_len, "warmup": args.warmup, "steps": args.steps,
+                    "checkpointing": args.checkpointing}  # fmt: skip
             print(f"{model} {method} ...", file=sys.stderr, flush=True)
             row.update(run_worker(["--task", json.dumps(task)], args.timeout))
             rows.append(row)

@@ -238,3 +238,41 @@ def test_transformers_llama_uses_prefix_sharing(tok, model):
 def test_max_length_from_config(tok, model):
     assert resolve_max_length(model, tok) == model.config.max_position_embeddings
     assert CausalLMScorer(model, tok, max_length=64).max_length == 64
+
+
+class SoftCapped(torch.nn.Module):
+    """A model that post-processes its logits (Gemma-2 style soft-capping): projecting the
+    decoder's hidden states with the output embeddings alone would be wrong for it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def get_decoder(self):
+        return self.inner.get_decoder()
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids)  # fmt: skip
+        out.logits = 2.0 * torch.tanh(out.logits / 2.0)
+        return out
+
+
+def test_scored_positions_only_projection_is_checked_once(tok, model):
+    s = CausalLMScorer(model, tok, batch_size=3, progress=False)
+    got = s.loglikelihood(REQUESTS)
+    assert s._split is not None  # a plain Llama: backbone + head on the scored positions
+    for (ctx, cont), (ll, greedy) in zip(REQUESTS, got, strict=True):
+        ref_ll, ref_greedy = direct_loglikelihood(model, *s.encode_pair(ctx, cont))
+        assert ll == pytest.approx(ref_ll, abs=1e-4) and greedy == ref_greedy
+
+    capped = SoftCapped(model)
+    c = CausalLMScorer(capped, tok, batch_size=3, progress=False)
+    got = c.loglikelihood(REQUESTS)
+    assert c._split is None  # the check saw different numbers and kept the model's forward
+    for (ctx, cont), (ll, _) in zip(REQUESTS, got, strict=True):
+        ref_ll, _ = direct_loglikelihood(capped, *c.encode_pair(ctx, cont))
+        assert ll == pytest.approx(ref_ll, abs=1e-4)

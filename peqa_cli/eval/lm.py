@@ -37,6 +37,7 @@ from peqa_cli.eval.packing import (
     make_batches,
     make_rows,
     score,
+    score_selected,
     split_request,
 )
 from peqa_cli.eval.progress import advance, progress_bar, stderr_console
@@ -123,6 +124,8 @@ class CausalLMScorer:
         self.share_prefix = can_pack if share_prefix is None else (share_prefix and can_pack)
         self._pack_checked = False
         self._keep_kw = "logits_to_keep" in params
+        self._split: tuple[torch.nn.Module, torch.nn.Module] | None = None
+        self._split_checked = False
         pad = getattr(tokenizer, "pad_token_id", None)
         self._pad_id = pad if pad is not None else 0
         self._prefix_text = tokenizer.decode(self.prefix_token_id)
@@ -228,10 +231,21 @@ class CausalLMScorer:
         if self._keep_kw:
             # Project to the vocabulary only from the first scored position on.
             kwargs["logits_to_keep"] = width - lay.first_scored
+        if self._split is not None:
+            # Backbone, then the vocabulary projection of the scored positions only: no
+            # [batch, length, vocab] logits (most of them unscored) are ever built.
+            decoder, head = self._split
+            kwargs.pop("logits_to_keep", None)
+            hidden = decoder(**kwargs, use_cache=False).last_hidden_state
+            rows_ = torch.tensor(lay.rows, device=hidden.device)
+            positions = torch.tensor(lay.positions, device=hidden.device)
+            return score_selected(head(hidden[rows_, positions]), lay)
         logits = self.model(**kwargs).logits
         return score(logits, lay, offset=width - logits.shape[1])
 
     def _run(self, rows: list[Row]) -> list[tuple[Request, float, bool]]:
+        if not self._split_checked:
+            self._check_split(rows)
         packed = len(rows[0].members) > 1
         if packed and not self.share_prefix:  # packing was switched off earlier in this call
             return self._forward([Row(r.shared, [r]) for row in rows for r in row.members], False)
@@ -242,6 +256,31 @@ class CausalLMScorer:
                 self.share_prefix = False
                 return self._run(rows)
         return result
+
+    def _check_split(self, rows: list[Row]) -> None:
+        """Once per scorer: use ``get_decoder()`` + ``get_output_embeddings()`` if, on the first
+        row, they give what the model's own forward gives (a model that scales or caps its
+        logits after the projection fails this and keeps the plain path)."""
+        self._split_checked = True
+        get_decoder = getattr(self.model, "get_decoder", None)
+        get_head = getattr(self.model, "get_output_embeddings", None)
+        decoder = get_decoder() if callable(get_decoder) else None
+        head = get_head() if callable(get_head) else None
+        if decoder is None or head is None or decoder is self.model:
+            return
+        probe = [Row(rows[0].shared, [rows[0].members[0]])]
+        reference = self._forward(probe, False)
+        self._split = (decoder, head)
+        try:
+            split = self._forward(probe, False)
+        except (TypeError, AttributeError, RuntimeError):
+            split = None
+        tol = max(1e-4, 50 * torch.finfo(self._mask_dtype()).eps)
+        if split is None or any(
+            abs(a[1] - b[1]) > tol * (1 + abs(a[1])) or a[2] != b[2]
+            for a, b in zip(reference, split, strict=True)
+        ):
+            self._split = None
 
     def _packing_agrees(self, row: Row, packed: list[tuple[Request, float, bool]]) -> bool:
         """Once per scorer: a model that ignores 4-D masks or position ids must not be packed.

@@ -171,7 +171,14 @@ def score(logits: torch.Tensor, lay: Layout, offset: int) -> list[tuple[Request,
     device = logits.device
     rows = torch.tensor(lay.rows, device=device)
     positions = torch.tensor(lay.positions, device=device) - offset
-    selected = logits[rows, positions].float()
+    return score_selected(logits[rows, positions], lay)
+
+
+def score_selected(selected: torch.Tensor, lay: Layout) -> list[tuple[Request, float, bool]]:
+    """:func:`score` from the logits of the scored positions alone, [n_scored, vocab] in the
+    layout's order (when the caller projected just those hidden states)."""
+    device = selected.device
+    selected = selected.float()
     targets = torch.tensor(lay.targets, device=device)
     logprobs = F.log_softmax(selected, dim=-1).gather(1, targets[:, None]).squeeze(1)
     hits = selected.argmax(dim=-1) == targets
