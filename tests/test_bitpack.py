@@ -62,6 +62,25 @@ def test_matches_gptq_layout_built_by_hand(bits):
     assert np.array_equal(ours, _golden_pack(q, bits))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.sampled_from([2, 3, 4, 8]),
+    blocks=st.integers(1, 5),
+    cols=st.integers(1, 7),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_byte_level_fast_paths_equal_the_word_level_rule(bits, blocks, cols, seed):
+    """pack_weight / unpack_rows read the words as little-endian bytes; the word-level code
+    (the reference above, and the path for big-endian machines) must agree bit for bit."""
+    vals, _ = bitpack.BLOCK[bits]
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 1 << bits, (cols, vals * blocks), generator=g, dtype=torch.uint8)
+    packed = bitpack.pack_weight(q, bits)  # weight orientation [N, K] -> [K*b/32, N]
+    assert torch.equal(packed, bitpack.pack_rows(q.t(), bits))
+    assert torch.equal(bitpack._unpack_bytes(packed, bits), bitpack._unpack_words(packed, bits))
+    assert torch.equal(bitpack.unpack_rows(packed, bits), q.t())
+
+
 def test_three_bit_straddling_values():
     # values 10 and 21 of each 32-value block cross word boundaries (stream bits 30-32, 63-65)
     q = torch.zeros(32, 1, dtype=torch.int64)

@@ -65,8 +65,13 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int | None = None) -> tor
         assert rows == nwords // words * vals, (
             f"expected {rows} rows, packed {nwords // words * vals}"
         )
-    if bits != 3 and sys.byteorder == "little":
-        return _unpack_bytes(packed, bits)
+    return _unpack_bytes(packed, bits) if sys.byteorder == "little" else _unpack_words(packed, bits)
+
+
+def _unpack_words(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The word-level unpacker (any byte order): int32 shifts per value position."""
+    vals, words = BLOCK[bits]
+    nwords, cols = packed.shape
     mask = (1 << bits) - 1
     # One slice per run of values that sit wholly inside a word (vectorized shifts), plus
     # the few values that straddle two words; concatenated in stream order. Arithmetic
@@ -85,18 +90,29 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int | None = None) -> tor
 
 
 def _unpack_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """2/4/8 bits: read the words as little-endian bytes; value ``i`` of a word is bits
-    ``i*b .. i*b+b-1``, so byte ``j`` holds values ``j*per + h`` at shift ``h*b``. Works on
-    uint8 only (no int32/int64 temporaries of the whole matrix): the training forward and
-    backward unpack every layer each step."""
+    """Read the words as little-endian bytes, i.e. each column's bit stream in order, and cut
+    it into values with uint8/int32 work only (no int64 temporaries of the whole matrix): the
+    training forward and backward unpack every layer each step. 2/4/8 bits: byte ``j`` of a
+    word holds ``8/b`` whole values. 3 bits: every 3 bytes hold 8 values (24 bits)."""
     nwords, cols = packed.shape
-    per = 8 // bits
     # reshape(-1): contiguous() keeps odd strides on size-1 dims, which view(uint8) rejects
     b = packed.contiguous().reshape(-1).view(torch.uint8).view(nwords, cols, 4).permute(0, 2, 1)
+    mask = (1 << bits) - 1
+    if bits == 3:
+        t = b.reshape(nwords * 4 // 3, 3, cols)
+        v = (
+            t[:, 0].to(torch.int32)
+            | (t[:, 1].to(torch.int32) << 8)
+            | (t[:, 2].to(torch.int32) << 16)
+        )
+        out = torch.empty(v.shape[0], 8, cols, dtype=torch.uint8, device=packed.device)
+        for j in range(8):
+            out[:, j] = (v >> (3 * j)) & mask
+        return out.view(-1, cols)
+    per = 8 // bits
     if per == 1:
         return b.reshape(nwords * 4, cols)
     out = torch.empty(nwords, 4, per, cols, dtype=torch.uint8, device=packed.device)
-    mask = (1 << bits) - 1
     for h in range(per):
         torch.bitwise_and(b >> (h * bits), mask, out=out[:, :, h])
     return out.view(nwords * 4 * per, cols)
@@ -134,9 +150,16 @@ def pack_weight(q: torch.Tensor, bits: int) -> torch.Tensor:
     packed into bytes along K (contiguous in this orientation) and the bytes read as
     little-endian int32 words, which avoids int64 temporaries of the whole matrix.
     """
-    if bits == 3 or sys.byteorder != "little":
+    if sys.byteorder != "little":
         return pack_rows(q.t(), bits)
     n, k = q.shape
+    if bits == 3:  # 8 values -> 24 bits -> 3 little-endian bytes of the stream
+        v = q.to(torch.int32).reshape(n, k // 8, 8)
+        word = v[..., 0].clone()
+        for j in range(1, 8):
+            word |= v[..., j] << (3 * j)
+        b = torch.stack([word & 255, (word >> 8) & 255, word >> 16], dim=-1).to(torch.uint8)
+        return b.reshape(n, k * 3 // 8).view(torch.int32).t().contiguous()
     per_byte = 8 // bits
     qb = q.to(torch.uint8).reshape(n, k // per_byte, per_byte)
     packed = qb[..., 0].clone()
