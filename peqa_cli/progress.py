@@ -25,9 +25,18 @@ def enabled() -> bool:
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., None]]:
-    """Yield ``advance(n=1, **fields)``; a no-op when progress display is off."""
-    if not enabled():
+def progress_bar(
+    description: str,
+    total: int | None,
+    *,
+    show: bool = True,
+    console: Console | None = None,
+    transient: bool = False,
+) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, info=None)``; a no-op when progress display is off (``show`` false,
+    stderr not a terminal, or ``PEQA_QUIET``), so logs and CI output get no carriage returns."""
+    console = console or stderr_console
+    if not (show and enabled() and console.is_terminal):
         yield lambda n=1, **_: None
         return
     cols = [
@@ -38,7 +47,7 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., 
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     ]
-    with Progress(*cols, console=stderr_console, transient=False) as prog:
+    with Progress(*cols, console=console, transient=transient) as prog:
         task = prog.add_task(description, total=total, info="")
 
         def advance(n: int = 1, info: str | None = None) -> None:

@@ -40,7 +40,7 @@ from peqa_cli.eval.packing import (
     score_selected,
     split_request,
 )
-from peqa_cli.eval.progress import advance, progress_bar, stderr_console
+from peqa_cli.progress import progress_bar, stderr_console
 
 # lm-eval's fallbacks when neither config nor tokenizer state a context length.
 DEFAULT_MAX_LENGTH = 2048
@@ -203,12 +203,14 @@ class CausalLMScorer:
         reqs = [split_request(i, c, k, self.max_length) for i, (c, k) in enumerate(pairs)]
         rows = make_rows(reqs, self.share_prefix, self.max_length)
         results: list[tuple[float, bool] | None] = [None] * len(reqs)
-        with progress_bar(desc, len(reqs), enabled=self.progress, console=self.console) as bar:
+        with progress_bar(
+            desc, len(reqs), show=self.progress, console=self.console, transient=True
+        ) as advance:
             for batch in make_batches(rows, self.batch_size):
                 scored = self._run(batch)
                 for req, ll, greedy in scored:
                     results[req.index] = (ll, greedy)
-                advance(bar, len(scored))
+                advance(len(scored))
         return results  # type: ignore[return-value]
 
     def _mask_dtype(self) -> torch.dtype:
@@ -290,7 +292,7 @@ class CausalLMScorer:
         tol = max(1e-3, 50 * torch.finfo(self._mask_dtype()).eps)
         if all(abs(got[req.index] - ll) <= tol * (1 + abs(ll)) for req, ll, _ in plain):
             return True
-        (self.console or stderr_console()).print(
+        (self.console or stderr_console).print(
             "[yellow]warning:[/] this model does not honour packed attention masks; "
             "scoring one request per row (slower, same results)"
         )

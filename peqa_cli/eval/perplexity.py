@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from peqa_cli.errors import InputError
-from peqa_cli.eval.progress import advance, progress_bar
 from peqa_cli.eval.tasks import check_limit, read_jsonl
+from peqa_cli.progress import progress_bar
 
 # Token ids of corpora per tokenizer, keyed by content hash: the same corpus is re-scored for
 # every delta of a run, and tokenizing 1.3 M characters is the slow part of setting up.
@@ -101,11 +101,13 @@ def perplexity(
     device = param.device if param is not None else torch.device("cpu")
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
     total = 0.0
-    with progress_bar("perplexity", n_windows, enabled=progress, console=console) as bar:
+    with progress_bar(
+        "perplexity", n_windows, show=progress, console=console, transient=True
+    ) as advance:
         for start in range(0, n_windows, batch_size):
             block = windows[start : start + batch_size].to(device)
             total += window_nll(model, block)
-            advance(bar, block.shape[0])
+            advance(block.shape[0])
     n_tokens = n_windows * (seq_len - 1)
     return {
         "ppl": math.exp(total / n_tokens),

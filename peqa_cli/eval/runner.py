@@ -22,7 +22,6 @@ from peqa_cli.errors import InputError
 from peqa_cli.eval.lm import CausalLMScorer
 from peqa_cli.eval.metrics import mc_scores, mean, mean_stderr
 from peqa_cli.eval.perplexity import perplexity
-from peqa_cli.eval.progress import stderr_console
 from peqa_cli.eval.tasks import (
     MCItem,
     TaskSpec,
@@ -35,6 +34,7 @@ from peqa_cli.eval.tasks import (
     task_sources,
 )
 from peqa_cli.io.checkpoint import make_shareable
+from peqa_cli.progress import stderr_console
 
 
 def score_items(
@@ -181,7 +181,7 @@ def render_table(rows: Sequence[dict], console: Console | None = None) -> None:
             str(r["model"]),
             "" if r.get("delta") is None else str(r["delta"]),
         )
-    (console or stderr_console()).print(table)
+    (console or stderr_console).print(table)
 
 
 def _finite(obj):

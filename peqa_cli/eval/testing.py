@@ -11,7 +11,9 @@ import functools
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from peqa_cli.testing import tiny_llama as shared_tiny_llama
 
 TINY_CORPUS = (
     "Question: Which gas do plants absorb from the air?\nAnswer: carbon dioxide",
@@ -47,23 +49,11 @@ def tiny_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(vocab_size: int = 384, seed: int = 0, max_positions: int = 512) -> LlamaForCausalLM:
-    """A 2-layer, 64-wide random Llama in eval mode. Weights are scaled up from the default
-    init so that log-probs differ clearly between tokens (near-uniform logits make ties)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
+    """The shared tiny Llama, untied and with weights scaled up from the default init so that
+    log-probs differ clearly between tokens (near-uniform logits make ties)."""
+    model = shared_tiny_llama(seed, vocab_size=vocab_size, intermediate_size=128,
+                              max_position_embeddings=max_positions, pad_token_id=0,
+                              bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)  # fmt: skip
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:

@@ -11,29 +11,15 @@ import json
 import random
 from pathlib import Path
 
-import torch
-
 from peqa_cli.data.testing import make_tiny_tokenizer
+from peqa_cli.testing import tiny_llama as _tiny_llama
 
 VOCAB = 416  # >= the tiny tokenizer's 400 ids; a multiple of 32 like real vocabularies
 
 
 def tiny_llama(seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    """The shared tiny Llama with a vocabulary that fits the tiny tokenizer."""
+    return _tiny_llama(seed, **{"vocab_size": VOCAB, "max_position_embeddings": 256, **overrides})
 
 
 def save_float_model(path: Path, seed: int = 0, **overrides) -> Path:
