@@ -12,6 +12,7 @@ from rich.console import Console
 
 from peqa_cli.eval.lm import CausalLMScorer, resolve_max_length, rolling_windows
 from peqa_cli.eval.testing import tiny_llama, tiny_tokenizer
+from tests.eval_fixtures import model, one_thread, tok  # noqa: F401 (fixtures)
 
 REQUESTS = [
     ("Question: Which gas do plants absorb from the air?\nAnswer:", " carbon dioxide"),
@@ -31,25 +32,6 @@ REQUESTS = [
     ("Question: Dry a cup\nAnswer:", " Use a towel."),
     ("Question: Dry a cup\nAnswer:", " Use a towel."),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dispatch-bound; on a shared 2-core box extra threads only add waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
 
 
 def direct_loglikelihood(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:

@@ -9,12 +9,12 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from peqa_cli.eval.lm import CausalLMScorer
 from peqa_cli.eval.tasks import TASKS, load_items, mc_requests
 from peqa_cli.eval.testing import tiny_llama, tiny_tokenizer
 from peqa_cli.paths import data_dir
+from tests.eval_fixtures import one_thread  # noqa: F401 (fixtures)
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -31,14 +31,6 @@ REQUESTS = [
     ("<s>Pole vault: A man runs.", " He jumps over the bar."),
     ("x" * 700, " and a long context that must be truncated on the left"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("bos", [False, True])

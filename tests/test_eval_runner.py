@@ -14,28 +14,11 @@ from rich.console import Console
 from peqa_cli.errors import InputError
 from peqa_cli.eval.perplexity import load_corpus, perplexity
 from peqa_cli.eval.runner import evaluate, render_table, write_json
-from peqa_cli.eval.testing import TINY_CORPUS, tiny_llama, tiny_tokenizer
+from peqa_cli.eval.testing import TINY_CORPUS, tiny_llama
+from tests.eval_fixtures import model, one_thread, tok  # noqa: F401 (fixtures)
 
 ROW_KEYS = {"task", "metric", "value", "stderr", "count", "model", "delta", "settings"}
 WIKI_ROWS = ["", " = Robert Boulter = \n", "", " Robert Boulter is an English film actor .\n"] * 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from peqa_cli.cli import app
+from peqa_cli.testing import tiny_llama as build_tiny_llama
 
 runner = CliRunner()
 N_LINEARS = 2 * 7  # layers x (q, k, v, o, gate, up, down)
@@ -25,20 +26,8 @@ SIDE = {"tokenizer_config.json": '{"model_max_length": 64}', "special_tokens_map
 
 
 def _tiny_llama(path: Path, **save_kw) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg).to(torch.float16)
+    model = build_tiny_llama(intermediate_size=128, max_position_embeddings=64,
+                             tie_word_embeddings=False).to(torch.float16)  # fmt: skip
     model.save_pretrained(path, **save_kw)
     return path
 
