@@ -15,9 +15,12 @@ if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     python -m pip install -q "torch==2.13.0" >&2
   else
-    # A local CPU wheel (pip's find-links) first, then PyTorch's CPU index, then plain PyPI.
-    python -m pip install -q --no-index "torch==2.13.0" >&2 2>/dev/null \
-      || python -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu >&2 \
+    # A local CPU wheel (pip's find-links) first, its dependencies from the usual index; else
+    # PyTorch's CPU index (fail fast when it is unreachable); else plain PyPI.
+    { python -m pip install -q --no-index --no-deps "torch==2.13.0" 2>/dev/null \
+        && python -m pip install -q "torch==2.13.0"; } >&2 \
+      || python -m pip install -q --retries 0 --timeout 10 "torch==2.13.0" \
+           --index-url https://download.pytorch.org/whl/cpu >&2 \
       || python -m pip install -q "torch==2.13.0" >&2
   fi
 fi

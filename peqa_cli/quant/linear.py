@@ -45,8 +45,8 @@ def unpack_centered(
     k, groups = out.shape[0], z.shape[0]
     if groups == 1:  # per channel: broadcast, no [K, N] gather
         return out.sub_(z)
-    size = -(-k // groups)
-    if _contiguous_groups(g_idx, size):  # groups in order: subtract per block of rows
+    size = int((g_idx == 0).sum())  # the group size (the last group may be shorter)
+    if size and _contiguous_groups(g_idx, size):  # groups in order: per block of rows
         full = k // size
         out[: full * size].view(full, size, -1).sub_(z[:full, None])
         out[full * size :].sub_(z[full:])
