@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine (CPU is enough, ~35 min on 2 cores):
+# The main job on a fresh machine (CPU is enough, ~15 min on 2 cores):
 #   1. set up (scripts/setup.sh);
 #   2. quantize the embedded SmolLM2-135M to 3 and 4 bits (per channel, groups of 64 and 128)
 #      and print the WikiText-2 perplexity table (ppl_table.json);
