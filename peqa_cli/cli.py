@@ -40,6 +40,7 @@ PrintConfig = Annotated[
     bool, typer.Option("--print-config", help="Print the resolved recipe and exit.")
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -135,9 +136,7 @@ def quantize(
     out: Annotated[
         str | None, typer.Option("--out", "-o", help="Output checkpoint folder.")
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
-    ] = False,
+    overwrite: Overwrite = False,
     print_config: PrintConfig = False,
     as_json: JsonOut = False,
 ) -> None:
@@ -179,9 +178,7 @@ def finetune(
         bool,
         typer.Option("--resume", help="Continue from the last checkpoint in the output folder."),
     ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
-    ] = False,
+    overwrite: Overwrite = False,
     print_config: PrintConfig = False,
     as_json: JsonOut = False,
 ) -> None:
@@ -298,9 +295,7 @@ def merge(
         str | None,
         typer.Option("--dtype", help="hf export: bfloat16, float16 (default) or float32."),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
-    ] = False,
+    overwrite: Overwrite = False,
     print_config: PrintConfig = False,
     as_json: JsonOut = False,
 ) -> None:

@@ -32,3 +32,20 @@ def tiny_llama(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+
+
+def random_delta(base, out, rel: float = 0.05, seed: int = 0, **config):
+    """A synthetic scale delta for ``base`` (a checkpoint folder): Δs = rel * s0 * N(0, 1) on
+    every quantized layer, keyed to the base's fingerprint; ``config`` adds delta metadata."""
+    from peqa_cli.io.checkpoint import load_quantized, quant_layers
+    from peqa_cli.io.delta import save_delta
+
+    q = load_quantized(base)
+    g = torch.Generator().manual_seed(seed)
+    deltas = {
+        n: rel * layer.scales.detach() * torch.randn(layer.scales.shape, generator=g)
+        for n, layer in quant_layers(q.model).items()
+    }
+    meta = {"base_fingerprint": q.fingerprint, "bits": q.spec.bits,
+            "group_size": q.spec.group_size, **config}  # fmt: skip
+    return save_delta(out, deltas, meta)

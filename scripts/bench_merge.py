@@ -32,27 +32,21 @@ from rich.console import Console
 from rich.table import Table
 
 from peqa_cli.io.checkpoint import load_quantized, quant_layers
-from peqa_cli.io.delta import DELTA_FILE, apply_delta, load_delta, remove_delta, save_delta
+from peqa_cli.io.delta import DELTA_FILE, apply_delta, load_delta, remove_delta
 from peqa_cli.io.models import load_tokenizer
 from peqa_cli.paths import data_file
 from peqa_cli.recipes.merge import MergeRecipe
 from peqa_cli.recipes.merge import run as merge
 from peqa_cli.recipes.quantize import QuantizeRecipe, QuantSettings
 from peqa_cli.recipes.quantize import run as quantize
+from peqa_cli.testing import random_delta
 
 console = Console(stderr=True)
 
 
 def synthetic_delta(base: Path, out: Path, rel: float, seed: int = 0) -> Path:
-    q = load_quantized(base)
-    g = torch.Generator().manual_seed(seed)
-    deltas = {
-        n: rel * layer.scales.detach() * torch.randn(layer.scales.shape, generator=g)
-        for n, layer in quant_layers(q.model).items()
-    }
-    cfg = {"base_fingerprint": q.fingerprint, "bits": q.spec.bits, "group_size": q.spec.group_size}
-    cfg["recipe"] = {"synthetic": True, "rel": rel, "seed": seed}
-    return save_delta(out, deltas, cfg)
+    recipe = {"synthetic": True, "rel": rel, "seed": seed}
+    return random_delta(base, out, rel=rel, seed=seed, recipe=recipe)
 
 
 def windows(tokenizer, n: int, seq_len: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from peqa_cli.io.stream import SafetensorsWriter, TensorSpec
+from peqa_cli.io.stream import SafetensorsWriter, TensorSpec, plan_shards
 
 # Llama shapes per nominal size (billions of parameters): hidden, intermediate, layers.
 # Heads use head_dim 64/128 with full KV heads; vocab 32000; untied embeddings.
@@ -144,14 +144,7 @@ def write_model(size: str, path: Path, shard_bytes: int, seed: int = 0) -> dict:
     with torch.device("meta"):
         skeleton = LlamaForCausalLM(cfg)
     specs = [TensorSpec(n, torch.float16, tuple(p.shape)) for n, p in skeleton.named_parameters()]
-    shards: list[list[TensorSpec]] = [[]]
-    used = 0
-    for s in specs:
-        if shards[-1] and used + s.nbytes > shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(s)
-        used += s.nbytes
+    shards = plan_shards(([s] for s in specs), shard_bytes)
     path.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(path)
     gen = torch.Generator().manual_seed(seed)

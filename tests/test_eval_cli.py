@@ -8,12 +8,10 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from peqa_cli.cli import app
-from peqa_cli.io.checkpoint import load_quantized, quant_layers
-from peqa_cli.io.delta import save_delta
+from peqa_cli.testing import random_delta
 from peqa_cli.train import testing
 
 runner = CliRunner()
@@ -33,18 +31,6 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _delta(out: Path, base: Path, seed: int, scale: float = 0.05, **config) -> Path:
-    q = load_quantized(base)
-    gen = torch.Generator().manual_seed(seed)
-    deltas = {
-        name: scale * layer.scales.detach().abs() * torch.randn(layer.scales.shape, generator=gen)
-        for name, layer in quant_layers(q.model).items()
-    }
-    cfg = {"base_fingerprint": q.fingerprint, "bits": q.spec.bits,
-           "group_size": q.spec.group_size, **config}  # fmt: skip
-    return save_delta(out, deltas, cfg)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-cli")
@@ -58,9 +44,9 @@ def assets(tmp_path_factory):
         "float": float_dir,
         "q4": q4,
         "data": data,
-        "a": _delta(root / "delta-a", q4, seed=1),
-        "b": _delta(root / "delta-b", q4, seed=2),
-        "other": _delta(root / "delta-other", q4, seed=3, base_fingerprint="0" * 64),
+        "a": random_delta(q4, root / "delta-a", seed=1),
+        "b": random_delta(q4, root / "delta-b", seed=2),
+        "other": random_delta(q4, root / "delta-other", seed=3, base_fingerprint="0" * 64),
     }
 
 

@@ -28,6 +28,7 @@ from peqa_cli.io.delta import apply_delta, load_delta, remove_delta, save_delta
 from peqa_cli.recipes.merge import MergeRecipe, run
 from peqa_cli.recipes.quantize import QuantizeRecipe, QuantSettings
 from peqa_cli.recipes.quantize import run as quantize
+from peqa_cli.testing import random_delta
 from tests.conftest import make_tiny_llama
 from tests.test_merge_reference_format import reference_model
 
@@ -50,15 +51,8 @@ def make_base(folder: Path, bits: int = 4, group_size: int = 32, seed: int = 0, 
 
 def make_delta(base: Path, out: Path, seed: int = 0, rel: float = 0.05, **config) -> Path:
     """Δs = rel * s0 * N(0, 1) on every layer, keyed to ``base``'s fingerprint."""
-    q = load_quantized(base)
-    g = torch.Generator().manual_seed(seed)
-    deltas = {
-        n: rel * layer.scales.detach() * torch.randn(layer.scales.shape, generator=g)
-        for n, layer in quant_layers(q.model).items()
-    }
-    meta = {"base_fingerprint": q.fingerprint, "bits": q.spec.bits, "group_size": q.spec.group_size}
-    meta.update({"recipe": {"task": f"synthetic-{seed}", "lr": 1e-4}}, **config)
-    return save_delta(out, deltas, meta)
+    recipe = {"task": f"synthetic-{seed}", "lr": 1e-4}
+    return random_delta(base, out, rel=rel, seed=seed, **{"recipe": recipe, **config})
 
 
 def file_tensors(folder: Path) -> dict[str, torch.Tensor]:

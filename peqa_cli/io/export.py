@@ -26,7 +26,7 @@ from torch import nn
 
 from peqa_cli.errors import CheckpointError
 from peqa_cli.io import checkpoint as ckpt
-from peqa_cli.io.stream import SafetensorsReader, SafetensorsWriter, TensorSpec
+from peqa_cli.io.stream import SafetensorsReader, SafetensorsWriter, TensorSpec, plan_shards
 from peqa_cli.quant.linear import QuantLinear
 
 Advance = Callable[..., None]
@@ -182,15 +182,7 @@ def _plan_hf(base: BaseCheckpoint, dtype: torch.dtype, limit: int) -> list[list[
                 specs.append(
                     TensorSpec(k, dtype if s.dtype.is_floating_point else s.dtype, s.shape)
                 )
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for s in specs:
-        if shards[-1] and size + s.nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(s)
-        size += s.nbytes
-    return shards
+    return plan_shards(([s] for s in specs), limit)
 
 
 def write_hf(

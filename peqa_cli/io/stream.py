@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,22 @@ class TensorSpec:
         for d in self.shape:
             n *= d
         return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(groups: Iterable[Sequence[TensorSpec]], limit: int) -> list[list[TensorSpec]]:
+    """Consecutive tensors into shards of at most ``limit`` bytes; a group (e.g. one layer's
+    qweight/qzeros/scales/g_idx) never splits, and a group larger than ``limit`` gets a shard
+    of its own."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for group in groups:
+        nbytes = sum(s.nbytes for s in group)
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].extend(group)
+        size += nbytes
+    return shards
 
 
 class SafetensorsReader:

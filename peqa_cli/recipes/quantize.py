@@ -22,7 +22,7 @@ from peqa_cli import __version__
 from peqa_cli.errors import InputError
 from peqa_cli.io import checkpoint as ckpt
 from peqa_cli.io.sources import ModelSource, resolve_model, weight_files
-from peqa_cli.io.stream import SafetensorsReader, SafetensorsWriter, TensorSpec
+from peqa_cli.io.stream import SafetensorsReader, SafetensorsWriter, TensorSpec, plan_shards
 from peqa_cli.progress import progress_bar
 from peqa_cli.quant import bitpack
 from peqa_cli.quant.primitives import (
@@ -256,15 +256,7 @@ def run(cfg: QuantizeRecipe) -> dict:
 
     # Shards: consecutive outputs up to max_shard_size each.
     limit = parse_size(cfg.max_shard_size)
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for _, _, outs in plan:
-        nbytes = sum(s.nbytes for s in outs)
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].extend(outs)
-        size += nbytes
+    shards = plan_shards((outs for _, _, outs in plan), limit)
     weight_map = {
         s.name: ckpt.shard_name(i, len(shards)) for i, sh in enumerate(shards) for s in sh
     }
